@@ -1,0 +1,264 @@
+"""Load and validate the configuration; expand experiments into runs.
+
+``config.yaml`` holds ``defaults`` (settings shared by every run), a ``demo``
+block applied when ``scale`` is ``demo``, and named ``experiments``. A run's
+resolved config is, merged in this order (later wins):
+
+1. the defaults written in the schema (``workflow/schemas/config.schema.yaml``),
+2. ``defaults``, 3. the experiment's ``overrides``,
+4. at demo scale: the top-level ``demo`` block, then the experiment's
+   ``demo.overrides``,
+5. the grid point (dotted keys such as ``model.width``) and the seed.
+
+At demo scale an experiment's ``demo.grid`` entries replace the grid entries of
+the same key, and ``demo.seeds`` replaces ``seeds``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = (
+    Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+)
+SCALES = ("paper", "demo")
+
+# How grid keys appear in run ids: a prefix before the value, or the bare value.
+_ID_PREFIX = {
+    "model.width": "w",
+    "model.depth": "d",
+    "optim.lr": "lr",
+    "optim.batch_size": "b",
+    "tasks.shared": "k",
+    "tasks.alpha": "a",
+    "tasks.iterations": "it",
+    "probe.size": "p",
+    "regime": "",
+    "model.arch": "",
+    "model.activation": "",
+    "data.name": "",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it (raises :class:`ConfigError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    validate_config(config, source=str(path))
+    return config
+
+
+def _schema_defaults(node: dict, schema: dict) -> Any:
+    node = _deref(node, schema)
+    if node.get("type") == "object" and "properties" in node:
+        return {k: _schema_defaults(v, schema) for k, v in node["properties"].items()}
+    return copy.deepcopy(node.get("default"))
+
+
+def _deref(node: dict, schema: dict) -> dict:
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def run_defaults(schema: dict | None = None) -> dict:
+    """Every run setting at the default its schema entry declares."""
+    schema = schema or load_schema()
+    return _schema_defaults(schema["$defs"]["run"], schema)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of ``base`` with ``override`` merged in; nested dicts merge, others replace."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cfg = cfg.setdefault(part, {})
+    cfg[leaf] = value
+
+
+def _leaf_paths(node: dict, schema: dict, prefix: str = "") -> set[str]:
+    node = _deref(node, schema)
+    if node.get("type") == "object" and "properties" in node:
+        paths: set[str] = set()
+        for key, sub in node["properties"].items():
+            paths |= _leaf_paths(sub, schema, f"{prefix}{key}.")
+        return paths
+    return {prefix.rstrip(".")}
+
+
+def _format_error(error: jsonschema.ValidationError, where: str) -> str:
+    location = ".".join(str(p) for p in error.absolute_path)
+    location = f"{where}.{location}" if location else where
+    message = error.message
+    if error.validator == "additionalProperties" and "properties" in error.schema:
+        allowed = ", ".join(sorted(error.schema["properties"]))
+        message += f"; allowed keys here: {allowed}"
+    elif error.validator == "oneOf" and "description" in error.schema:
+        message += f" ({error.schema['description'].strip()})"
+    return f"{location}: {message}"
+
+
+def _schema_errors(instance: Any, schema: dict, where: str) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    return [_format_error(e, where) for e in errors]
+
+
+def validate_config(config: dict, source: str = "config") -> None:
+    """Check the whole config and every run it expands to; raise on any problem.
+
+    The error names each offending key (``experiments.width_regime.grid.model.widht``)
+    and what is allowed there.
+    """
+    schema = load_schema()
+    problems = _schema_errors(config, schema, source)
+    if not problems:
+        leaves = _leaf_paths(schema["$defs"]["run"], schema)
+        for name, experiment in config["experiments"].items():
+            grids = [experiment.get("grid", {}), experiment.get("demo", {}).get("grid")]
+            for grid in filter(None, grids):
+                for key in grid:
+                    if key not in leaves:
+                        problems.append(
+                            f"{source}.experiments.{name}.grid: unknown setting "
+                            f"{key!r}; grid keys are dotted run settings, one of: "
+                            f"{', '.join(sorted(leaves))} (seeds go in `seeds`)"
+                        )
+    if not problems:
+        run_schema = dict(schema["$defs"]["run"], **{"$defs": schema["$defs"]})
+        for scale in SCALES:
+            for runs in expand_runs(config, scale).values():
+                for run in runs:
+                    settings = {k: v for k, v in run.items() if k not in _RUN_META}
+                    where = (
+                        f"{source} ({scale} run {run['experiment']}/{run['run_id']})"
+                    )
+                    problems += _schema_errors(settings, run_schema, where)
+    if problems:
+        listing = "\n  - ".join(dict.fromkeys(problems))
+        raise ConfigError(f"Invalid configuration:\n  - {listing}")
+
+
+_RUN_META = ("run_id", "experiment", "params", "seed", "scale")
+
+
+def param_name(key: str) -> str:
+    """The dimension name of a grid key: its last dotted part (``model.width`` -> width)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "x".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def make_run_id(point: dict[str, Any], seed: int) -> str:
+    """A readable id from a grid point, e.g. ``{"model.width": 1024, "regime": "lazy"}``
+    with seed 0 gives ``w1024-lazy-s0``."""
+    parts = []
+    for key, value in point.items():
+        prefix = _ID_PREFIX.get(key, param_name(key))
+        parts.append(f"{prefix}{_format_value(value)}")
+    parts.append(f"s{seed}")
+    return "-".join(parts).replace("/", "_")
+
+
+def expand_runs(config: dict, scale: str | None = None) -> dict[str, list[dict]]:
+    """Every experiment's runs as resolved run configs, in grid order.
+
+    Returns:
+        ``{experiment: [run_config, ...]}``; each run config holds every setting
+        plus ``run_id``, ``experiment``, ``scale``, ``seed`` and ``params`` (the grid
+        point keyed by dimension name, with the seed).
+    """
+    scale = scale or config.get("scale", "paper")
+    if scale not in SCALES:
+        raise ConfigError(f"Unknown scale {scale!r}; expected one of {list(SCALES)}.")
+    base = deep_merge(run_defaults(), config.get("defaults", {}))
+    runs: dict[str, list[dict]] = {}
+    for name, experiment in config["experiments"].items():
+        settings = deep_merge(base, experiment.get("overrides", {}))
+        grid = dict(experiment.get("grid", {}))
+        seeds = experiment.get("seeds", [0])
+        if scale == "demo":
+            demo = experiment.get("demo", {})
+            settings = deep_merge(settings, config.get("demo", {}))
+            settings = deep_merge(settings, demo.get("overrides", {}))
+            grid.update(demo.get("grid", {}))
+            seeds = demo.get("seeds", seeds)
+        runs[name] = []
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values, strict=True))
+            for seed in seeds:
+                run = copy.deepcopy(settings)
+                for key, value in point.items():
+                    set_dotted(run, key, value)
+                params = {param_name(k): v for k, v in point.items()}
+                run.update(
+                    run_id=make_run_id(point, seed),
+                    experiment=name,
+                    scale=scale,
+                    seed=seed,
+                    params={**params, "seed": seed},
+                )
+                runs[name].append(run)
+        ids = [r["run_id"] for r in runs[name]]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(
+                f"Experiment {name!r} expands to duplicate run ids {sorted(ids)}; "
+                "make the grid values distinct."
+            )
+    return runs
+
+
+def find_run(config: dict, scale: str, experiment: str, run_id: str) -> dict:
+    """The resolved config of one run (raises :class:`ConfigError` if absent)."""
+    runs = expand_runs(config, scale).get(experiment)
+    if runs is None:
+        raise ConfigError(
+            f"No experiment {experiment!r} in the config; "
+            f"have {sorted(config['experiments'])}."
+        )
+    for run in runs:
+        if run["run_id"] == run_id:
+            return run
+    raise ConfigError(
+        f"Experiment {experiment!r} has no run {run_id!r} at {scale} scale; "
+        f"its runs are {[r['run_id'] for r in runs]}."
+    )
+
+
+def dumps(run: dict) -> str:
+    """The canonical JSON form of a run config (sorted keys), as archived."""
+    return json.dumps(run, sort_keys=True)
