@@ -87,7 +87,7 @@ def run_defaults(schema: dict | None = None) -> dict:
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of ``base`` with ``override`` merged in; nested dicts merge, others replace."""
+    """``base`` with ``override`` merged in: nested dicts merge, others replace."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -171,7 +171,7 @@ _RUN_META = ("run_id", "experiment", "params", "seed", "scale")
 
 
 def param_name(key: str) -> str:
-    """The dimension name of a grid key: its last dotted part (``model.width`` -> width)."""
+    """The dimension name of a grid key: its last part (``model.width`` -> width)."""
     return key.rsplit(".", 1)[-1]
 
 

@@ -103,7 +103,7 @@ def cnn(
 def build_model(
     model_cfg: dict, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Sequential:
-    """Build the network that ``model_cfg`` (the run config's ``model`` section) names."""
+    """Build the network named by ``model_cfg``, the run config's ``model`` section."""
     builders = {"mlp": mlp, "cnn": cnn}
     arch = model_cfg["arch"]
     if arch not in builders:
