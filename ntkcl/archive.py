@@ -116,7 +116,7 @@ def create(
             return v
 
         # coordinates
-        variable("step", ("step",), "i8", "training iteration", "iterations")
+        variable("step", ("step",), "i8", "training iteration", "iteration")
         for dim in ("sample_1", "sample_2"):
             variable(
                 dim,
@@ -148,7 +148,7 @@ def create(
             ("task",),
             "i8",
             "first iteration of the task",
-            "iterations",
+            "iteration",
             data=np.asarray(task_start, dtype=np.int64),
         )
         variable(
