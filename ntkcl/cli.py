@@ -1,0 +1,259 @@
+"""Command line and workflow entry points: ``ntkcl <command>`` and ``run_rule``.
+
+Every Snakemake rule calls :func:`run_rule` (through
+``workflow/scripts/ntkcl_rule.py``); the same steps are available by hand:
+
+    ntkcl check-config config.yaml
+    ntkcl prepare config.yaml --scale demo
+    ntkcl train config.yaml width_regime w64-fl-s0 --scale demo
+    ntkcl reduce results/demo/runs/width_regime/w64-fl-s0.h5 -o metrics.nc
+    ntkcl inspect results/demo/runs/width_regime/w64-fl-s0.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("ntkcl")
+
+# Errors that describe bad input: reported as one message, without a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def configure_logging(log_file: str | Path | None = None, level=logging.INFO) -> None:
+    """Send ntkcl's log records to ``log_file`` (or stderr), one line each."""
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, mode="a")
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger("ntkcl")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers[:] = [handler]
+
+
+# ----------------------------------------------------------------------------
+# steps (each used by a rule and by a subcommand)
+
+
+def prepare(data_cfg: dict, out: str | Path) -> None:
+    from . import data
+
+    data.prepare(data_cfg, out)
+
+
+def train(run: dict, data_path, out, work_dir, checkpoint_interval=60.0) -> str:
+    from .train import train_run
+
+    return train_run(
+        run, data_path, out, work_dir, checkpoint_interval=checkpoint_interval
+    )
+
+
+def reduce(archive_path, out) -> None:
+    from . import archive, reduce
+
+    with archive.open_archive(archive_path) as ds:
+        metrics = reduce.reduce_archive(ds)
+    reduce.write_netcdf(metrics, out)
+
+
+def aggregate(paths, dims, out) -> None:
+    import xarray as xr
+
+    from . import reduce
+
+    datasets = [xr.load_dataset(p, engine="h5netcdf") for p in paths]
+    reduce.write_netcdf(reduce.aggregate(datasets, dims), out)
+
+
+def plot(metrics_path, out_pdf, out_png, line, row=None, title=None) -> None:
+    import xarray as xr
+
+    from . import plots
+
+    ds = xr.load_dataset(metrics_path, engine="h5netcdf")
+    plots.plot_experiment(
+        ds, line=line, row=row, out_pdf=out_pdf, out_png=out_png, title=title
+    )
+
+
+def claims(metrics_path, out_csv) -> None:
+    import xarray as xr
+
+    from . import claims
+
+    ds = xr.load_dataset(metrics_path, engine="h5netcdf")
+    table = claims.check_claims(ds)
+    claims.write_claims(table, out_csv)
+    for row in table.itertuples():
+        log.info("%s %s: %s", row.claim, row.group, "holds" if row.holds else "FAILS")
+
+
+# ----------------------------------------------------------------------------
+# Snakemake
+
+
+def run_rule(smk) -> None:
+    """Run the step of the Snakemake rule ``smk.rule`` with the job's files.
+
+    Log records (and any error with its traceback) go to the rule's ``log:``.
+    """
+    configure_logging(smk.log[0] if smk.log else None)
+    import torch
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    steps = {
+        "prepare_data": lambda: prepare(smk.params.data, smk.output[0]),
+        "train": lambda: train(
+            smk.params.run, smk.input.data, smk.output.archive, smk.params.work_dir
+        ),
+        "reduce": lambda: reduce(smk.input.archive, smk.output[0]),
+        "aggregate": lambda: aggregate(list(smk.input), smk.params.dims, smk.output[0]),
+        "plot": lambda: plot(
+            smk.input[0],
+            smk.output.pdf,
+            smk.output.png,
+            title=smk.params.description,
+            **smk.params.layout,
+        ),
+        "claims": lambda: claims(smk.input[0], smk.output[0]),
+    }
+    if smk.rule not in steps:
+        raise ValueError(f"ntkcl has no step for rule {smk.rule!r}.")
+    try:
+        steps[smk.rule]()
+    except Exception:
+        log.exception("rule %s failed", smk.rule)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# command line
+
+
+def _runs(args) -> dict:
+    from . import config
+
+    cfg = config.load_config(args.config)
+    return config.expand_runs(cfg, args.scale or cfg.get("scale", "paper"))
+
+
+def _cmd_check_config(args) -> None:
+    runs = _runs(args)
+    for experiment, items in runs.items():
+        print(f"{experiment}: {len(items)} runs ({items[0]['run_id']}, ...)")
+
+
+def _cmd_prepare(args) -> None:
+    from .data import dataset_id
+
+    seen = {}
+    for items in _runs(args).values():
+        for run in items:
+            seen[dataset_id(run["data"])] = run["data"]
+    for name, data_cfg in seen.items():
+        out = Path(args.out_dir) / f"{name}.h5"
+        if out.exists():
+            print(f"{out} exists")
+            continue
+        prepare(data_cfg, out)
+        print(f"wrote {out}")
+
+
+def _cmd_train(args) -> None:
+    from . import config
+    from .data import dataset_id
+
+    cfg = config.load_config(args.config)
+    scale = args.scale or cfg.get("scale", "paper")
+    run = config.find_run(cfg, scale, args.experiment, args.run)
+    data_path = Path(args.data or f"results/data/{dataset_id(run['data'])}.h5")
+    if not data_path.exists():
+        prepare(run["data"], data_path)
+    base = Path("results") / scale
+    out = Path(args.out or base / "runs" / args.experiment / f"{args.run}.h5")
+    work = base / "work" / args.experiment / args.run
+    status = train(run, data_path, out, work, args.checkpoint_interval)
+    print(f"{status}: {out}")
+
+
+def _cmd_reduce(args) -> None:
+    reduce(args.archive, args.output)
+    print(f"wrote {args.output}")
+
+
+def _cmd_inspect(args) -> None:
+    from . import archive
+
+    with archive.open_archive(args.archive) as ds:
+        summary = archive.summary(ds, args.archive)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>18}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntkcl", description="Empirical NTK dynamics under task shifts."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="config file, e.g. config.yaml")
+        p.add_argument("--scale", choices=["paper", "demo"], help="default: config's")
+        return p
+
+    p = with_config(sub.add_parser("check-config", help="validate a config, list runs"))
+    p.set_defaults(func=_cmd_check_config)
+
+    p = with_config(sub.add_parser("prepare", help="prepare the config's datasets"))
+    p.add_argument("--out-dir", default="results/data")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = with_config(sub.add_parser("train", help="train one run of an experiment"))
+    p.add_argument("experiment")
+    p.add_argument("run", help="run id, e.g. w64-fl-s0 (see check-config)")
+    p.add_argument("--data", help="prepared dataset (default: results/data/<id>.h5)")
+    p.add_argument("--out", help="archive path (default: the workflow's)")
+    p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("reduce", help="reduce an archive to metrics (NetCDF)")
+    p.add_argument("archive")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_reduce)
+
+    p = sub.add_parser("inspect", help="summarise a kernel archive")
+    p.add_argument("archive")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(None, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except _USER_ERRORS as error:
+        print(f"ntkcl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The continual training loop with periodic NTK dumps, checkpoints and resume.
+
+One run trains one network with plain SGD and cross-entropy on a sequence of
+tasks. The empirical NTK on a fixed probe set from the first task is dumped at
+iteration 0, every ``ntk.every`` iterations, right before every task switch
+(the state after the last update on the old task), right after it (after the
+first update on the new task) and at the end, together with the probe logits
+and the accuracy on every task's held-out examples.
+
+The archive and a checkpoint live in a work folder while the run trains; a
+rerun after a kill continues from the checkpoint, and the finished archive is
+moved to its output path in one atomic step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__, archive, data, models, tasks
+from .ntk import empirical_ntk
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` takes the GPU when PyTorch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device: cuda was asked for, but PyTorch sees no GPU; "
+            "set device: auto or cpu."
+        )
+    return torch.device(name)
+
+
+def dump_schedule(task_iterations: list[int], every: int) -> list[int]:
+    """The iterations after which the NTK is dumped (0 is the initial state)."""
+    starts = np.cumsum([0, *task_iterations])
+    total = int(starts[-1])
+    points = set(range(0, total + 1, every)) | {total}
+    for start in starts[1:-1]:
+        points |= {int(start), int(start) + 1}
+    return sorted(p for p in points if p <= total)
+
+
+@dataclass
+class _Probe:
+    x: torch.Tensor
+    indices: np.ndarray
+    labels: np.ndarray
+
+
+def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+    return correct / max(len(x), 1)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_run(
+    run: dict,
+    data_path: str | Path,
+    out_path: str | Path,
+    work_dir: str | Path,
+    *,
+    progress: bool | None = None,
+    checkpoint_interval: float = 60.0,
+) -> str:
+    """Train one run and write its kernel archive to ``out_path``.
+
+    Args:
+        run: the resolved run config (see :mod:`ntkcl.config`).
+        data_path: the prepared dataset file (``results/data/<id>.h5``).
+        out_path: where the finished archive goes.
+        work_dir: folder for the in-progress archive and the checkpoint; kept
+            when the job fails so that a rerun resumes.
+        progress: show a progress bar (default: when stderr is a terminal).
+        checkpoint_interval: seconds between checkpoints (0: after every dump).
+
+    Returns:
+        The run's status: ``complete`` or ``diverged``.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    work_archive = work_dir / "archive.h5"
+    checkpoint_path = work_dir / "checkpoint.pt"
+    device = pick_device(run["device"])
+    config_json = json.dumps(run, sort_keys=True)
+
+    # data, tasks and the probe set
+    dataset = data.load(data_path)
+    tasks.validate_tasks(run["tasks"], dataset.num_classes)
+    task_list = tasks.build_tasks(run["tasks"])
+    train_x, train_y = dataset.train_x.to(device), dataset.train_y.to(device)
+    probe_idx = tasks.probe_indices(
+        dataset.train_y.numpy(),
+        tasks.probe_classes(run["tasks"]),
+        run["probe"]["size"],
+        run["probe"]["seed"],
+    )
+    probe = _Probe(
+        train_x[torch.as_tensor(probe_idx, device=device)],
+        probe_idx,
+        dataset.train_y.numpy()[probe_idx],
+    )
+    heldout = []
+    for task in task_list:
+        idx = tasks.heldout_indices(
+            dataset.test_y.numpy(),
+            task.classes,
+            run["eval"]["max_examples"],
+            run["probe"]["seed"],
+        )
+        idx = torch.as_tensor(idx, device=device)
+        heldout.append((dataset.test_x.to(device)[idx], dataset.test_y.to(device)[idx]))
+
+    # model and optimiser; initialised on the CPU so every device starts alike
+    torch.manual_seed(run["seed"])
+    model = models.build_model(run["model"], dataset.input_shape, dataset.num_classes)
+    model.to(device)
+    lr = models.learning_rate(run["regime"], run["optim"], run["model"]["width"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(run["seed"])
+    samplers = [
+        tasks.BatchSampler(
+            dataset.train_y.numpy(), task, run["optim"]["batch_size"], generator
+        )
+        for task in task_list
+    ]
+    iterations = [task.iterations for task in task_list]
+    task_start = [int(s) for s in np.cumsum([0, *iterations[:-1]])]
+    total = sum(iterations)
+    schedule = dump_schedule(iterations, run["ntk"]["every"])
+    ntk_dtype = {"float32": torch.float32, "float64": torch.float64}[
+        run["ntk"]["dtype"]
+    ]
+
+    # start fresh, or continue from the checkpoint of a killed attempt
+    start, elapsed_before, loss_value = 0, 0.0, math.nan
+    if checkpoint_path.exists() and work_archive.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["config_json"] != config_json:
+            raise RuntimeError(
+                f"{checkpoint_path} belongs to a different configuration of run "
+                f"{run['run_id']}; delete {work_dir} to start this run afresh."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start, elapsed_before = state["iteration"], state["elapsed"]
+        loss_value = state["loss"]
+        writer = archive.Writer(work_archive, keep=state["dumps"])
+        log.info(
+            "resuming %s at iteration %d (%d dumps kept)",
+            run["run_id"],
+            start,
+            writer.count,
+        )
+    else:
+        archive.create(
+            work_archive,
+            kind=run["ntk"]["kind"],
+            dtype=run["ntk"]["dtype"],
+            probe_indices=probe.indices,
+            probe_labels=probe.labels,
+            num_classes=dataset.num_classes,
+            task_start=task_start,
+            attrs=dict(
+                run_id=run["run_id"],
+                experiment=run["experiment"],
+                params_json=json.dumps(run["params"], sort_keys=True),
+                config_json=config_json,
+                seed=run["seed"],
+                learning_rate=lr,
+                device=str(device),
+                dataset=Path(data_path).stem,
+                ntkcl_version=__version__,
+                torch_version=str(torch.__version__),
+                python_version=platform.python_version(),
+                source=f"ntkcl {__version__}",
+            ),
+        )
+        writer = archive.Writer(work_archive)
+    log.info(
+        "run %s: %s, lr %.4g, %d iterations over %d tasks, %d dumps on %s",
+        run["run_id"],
+        run["model"],
+        lr,
+        total,
+        len(task_list),
+        len(schedule),
+        device,
+    )
+
+    def task_of(iteration: int) -> int:
+        """The task of the update that produced the state after ``iteration``."""
+        return max(k for k, s in enumerate(task_start) if s < iteration or k == 0)
+
+    def dump(iteration: int, loss: float) -> None:
+        t0 = time.perf_counter()
+        kernel = empirical_ntk(
+            model,
+            probe.x,
+            kind=run["ntk"]["kind"],
+            dtype=ntk_dtype,
+            implementation=run["ntk"]["implementation"],
+            memory_budget=run["ntk"]["memory_budget_mb"] * 2**20,
+        )
+        seconds = time.perf_counter() - t0
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(probe.x)
+            accuracy = [_accuracy(model, x, y) for x, y in heldout]
+        model.train(was_training)
+        writer.append(
+            iteration=iteration,
+            active_task=task_of(iteration),
+            wall_time=elapsed_before + time.perf_counter() - started,
+            train_loss=loss,
+            accuracy=np.asarray(accuracy),
+            logits=logits.float().cpu().numpy(),
+            ntk=kernel.cpu().numpy(),
+        )
+        log.info(
+            "dump %d/%d iteration %d task %d loss %.4f accuracy %s ntk %.3fs",
+            writer.count,
+            len(schedule),
+            iteration,
+            task_of(iteration),
+            loss,
+            "[" + ", ".join(f"{a:.3f}" for a in accuracy) + "]",
+            seconds,
+        )
+
+    started = time.perf_counter()
+    last_checkpoint = time.monotonic()
+    status, reason, diverged_at = "complete", "", -1
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=run["run_id"],
+        unit="it",
+        disable=not (progress if progress is not None else sys.stderr.isatty()),
+    )
+    try:
+        if start == 0:
+            dump(0, math.nan)
+        model.train()
+        for iteration in range(start + 1, total + 1):
+            # forward backward update on the current task's minibatch
+            task = task_of(iteration)
+            batch = samplers[task].sample().to(device)
+            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            bar.update()
+            if not math.isfinite(loss_value):
+                status, diverged_at = "diverged", iteration
+                reason = f"training loss became {loss_value} at iteration {iteration}"
+                log.error(
+                    "run %s diverged: %s (lr %.4g); the archive keeps the "
+                    "dumps so far and is marked diverged",
+                    run["run_id"],
+                    reason,
+                    lr,
+                )
+                break
+
+            # dump and checkpoint
+            if iteration in schedule:
+                dump(iteration, loss_value)
+                if time.monotonic() - last_checkpoint >= checkpoint_interval:
+                    _save_checkpoint(
+                        checkpoint_path,
+                        dict(
+                            model=model.state_dict(),
+                            optimizer=optimizer.state_dict(),
+                            generator=generator.get_state(),
+                            iteration=iteration,
+                            dumps=writer.count,
+                            loss=loss_value,
+                            elapsed=elapsed_before + time.perf_counter() - started,
+                            config_json=config_json,
+                        ),
+                    )
+                    last_checkpoint = time.monotonic()
+    finally:
+        bar.close()
+        writer.close()
+
+    archive.finish(work_archive, status, reason, diverged_at)
+    archive.publish(work_archive, out_path)
+    checkpoint_path.unlink(missing_ok=True)
+    log.info("run %s %s: %s", run["run_id"], status, out_path)
+    return status

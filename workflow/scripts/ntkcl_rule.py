@@ -1,0 +1,15 @@
+"""Entry point of every rule's `script:`: run the rule's step from the ntkcl package.
+
+The repository root goes first on sys.path so that a rule always runs the ntkcl of
+the checkout that holds this workflow, in any environment (a venv, a conda env made
+by --sdm conda, a SLURM job).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))  # noqa: F821
+
+from ntkcl.cli import run_rule  # noqa: E402
+
+run_rule(snakemake)  # noqa: F821
