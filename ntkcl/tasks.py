@@ -200,6 +200,8 @@ def heldout_indices(test_labels, classes, max_examples: int | None, seed: int):
             f"No held-out examples: {available} test examples of classes {classes}, "
             f"max_examples={max_examples!r} (expected a positive integer or None)."
         )
+    if size == available:  # every example, no choice to make
+        return np.concatenate([np.flatnonzero(labels == c) for c in classes])
     return _balanced(labels, classes, size, seed)
 
 
