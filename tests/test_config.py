@@ -39,7 +39,7 @@ def test_merge_order(cfg):
     cfg = copy.deepcopy(cfg)
     cfg["experiments"]["width_regime"]["overrides"] = {"optim": {"lr": 0.3}}
     run = config.expand_runs(cfg, "paper")["width_regime"][0]
-    assert run["optim"] == {"lr": 0.3, "reference_width": 64, "batch_size": 128}
+    assert run["optim"] == {"lr": 0.3, "reference_width": 32, "batch_size": 128}
     # the demo block is applied after the experiment's overrides
     assert config.expand_runs(cfg, "demo")["width_regime"][0]["optim"]["lr"] == 0.1
 
