@@ -1,0 +1,284 @@
+"""Planning of an empirical NTK computation (private helper of ``ntkcl.ntk``).
+
+Probes the network with one example, decides whether the structured path applies,
+sizes the blocks of examples, logits and parameters of both paths so that the
+working set stays within the memory budget, estimates their floating-point
+operations and picks one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ntkcl._ntk_analysis import Unsupported, analyse, check_probe, probe
+from ntkcl._ntk_blocks import Blocking
+from ntkcl._ntk_jacobian import Jacobian
+from ntkcl._ntk_structured import Structured
+
+logger = logging.getLogger("ntkcl.ntk")
+
+
+@dataclass(frozen=True)
+class NTKPlan:
+    """How :func:`empirical_ntk` computes a kernel.
+
+    Attributes:
+        implementation: ``"structured"`` or ``"jacobian"``, the path that runs.
+        reason: why that path was chosen, as a sentence fragment.
+        kind: the kernel kind.
+        dtype: the compute dtype.
+        num_examples: ``(n1, n2)``.
+        num_logits: K.
+        num_parameters: trainable parameters (tied ones counted once).
+        structured_unsupported: why the structured path does not apply to this
+            network, or None when it does.
+        flops: estimated floating-point operations per implementation (None for
+            ``structured`` when it does not apply).
+        examples_per_block: examples per block when factors are computed.
+        logits_per_block: logits per block when factors are computed.
+        parameter_groups: parameter groups (jacobian path; 1 for structured).
+        cached: whether the factors of all examples are held at once (otherwise
+            the column blocks are recomputed for every row block).
+        estimated_peak_bytes: estimated working memory, excluding the model and
+            the returned kernel.
+        output_bytes: size of the returned kernel.
+    """
+
+    implementation: str
+    reason: str
+    kind: str
+    dtype: torch.dtype
+    num_examples: tuple[int, int]
+    num_logits: int
+    num_parameters: int
+    structured_unsupported: str | None
+    flops: dict[str, float | None]
+    examples_per_block: int
+    logits_per_block: int
+    parameter_groups: int
+    cached: bool
+    estimated_peak_bytes: int
+    output_bytes: int
+
+    def describe(self) -> str:
+        """One line for logs."""
+        n1, n2 = self.num_examples
+        mode = "cached" if self.cached else "streamed"
+        return (
+            f"{self.implementation} ({self.reason}); {self.kind} kernel of "
+            f"{n1}x{n2} examples, K={self.num_logits}, {self.num_parameters} "
+            f"parameters, {self.dtype}; blocks of {self.examples_per_block} examples "
+            f"x {self.logits_per_block} logits x {self.parameter_groups} parameter "
+            f"group(s), {mode}; ~{self.flops[self.implementation]:.3g} flop, "
+            f"~{format_bytes(self.estimated_peak_bytes)} working memory"
+        )
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def structured_refusal(reason: str) -> str:
+    return (
+        f"implementation='structured' cannot compute this network exactly: {reason}. "
+        "Use implementation='jacobian' or 'auto'."
+    )
+
+
+def _fit(ok, high: int) -> int:
+    """Largest b in [1, high] with ok(b) (ok monotone decreasing), or 0."""
+    if high < 1 or not ok(1):
+        return 0
+    lo, hi = 1, high
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _pair_elems(kind: str, b1: int, b2: int, k: int) -> int:
+    return b1 * b2 * {"full": k * k, "diagonal": k, "trace": 1}[kind]
+
+
+def _blocking(p, group, n1, n2, num_logits, kind, symmetric, budget) -> Blocking | None:
+    """Block sizes that keep the working set of ``p`` within ``budget`` elements."""
+    n_max = n1 if symmetric else max(n1, n2)
+    held = p.factor_elems(n1 + (0 if symmetric else n2), num_logits, group)
+    if 2 * held <= budget:
+        # cached: every example's factors once, contracted in row blocks
+        room = budget - held
+        k = num_logits
+        b = _fit(lambda b: p.work_elems(b, k, group) <= room, n_max)
+        if b == 0:
+            k = _fit(lambda k: p.work_elems(1, k, group) <= room, num_logits)
+            b = int(k > 0)
+        rows = _fit(lambda r: 2 * _pair_elems(kind, r, n2, num_logits) <= room, n1)
+        if b and rows:
+            if symmetric:  # a few row blocks let the upper triangle be skipped
+                rows = min(rows, max(128, math.ceil(n1 / 4)))
+            return Blocking(b, k, True, rows)
+    k = num_logits
+    while True:
+        # streamed: one row block held, column blocks recomputed
+        def ok(b, k=k):
+            held = 2 * p.factor_elems(b, k, group) + 2 * _pair_elems(kind, b, b, k)
+            return held + p.work_elems(b, k, group) <= budget
+
+        b = _fit(ok, n_max)
+        if b:
+            return Blocking(b, k, False, b)
+        if k == 1:
+            return None
+        k = math.ceil(k / 2)
+
+
+def _peak_elems(p, group, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> int:
+    if blk.cached:
+        held = p.factor_elems(n1 + (0 if symmetric else n2), num_logits, group)
+        temps = 2 * _pair_elems(kind, blk.rows, n2, num_logits)
+        return held + max(p.work_elems(blk.examples, blk.logits, group), temps)
+    b, k = blk.examples, blk.logits
+    return (
+        2 * p.factor_elems(b, k, group)
+        + 2 * _pair_elems(kind, b, b, k)
+        + p.work_elems(b, k, group)
+    )
+
+
+def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
+    rows = blk.rows if blk.cached else blk.examples
+    blocks = math.ceil(n1 / rows)
+    share = (blocks + 1) / (2 * blocks) if symmetric else 1.0
+    example_pairs = n1 * n2 * share
+    logit_pairs = num_logits**2 if kind == "full" else num_logits
+    gram = sum(
+        p.gram_flops(example_pairs, example_pairs * logit_pairs, g) for g in p.groups
+    )
+    fwd, per_logit = p.forward_flops(), p.logit_flops()
+    logit_blocks = math.ceil(num_logits / blk.logits)
+
+    def cost(examples, passes, logits):
+        return examples * (passes * fwd + logits * per_logit)
+
+    if blk.cached:
+        compute = cost(n1 + (0 if symmetric else n2), logit_blocks, num_logits)
+    else:
+        compute = cost(n1, logit_blocks, num_logits)
+        units = math.ceil(n1 / blk.examples) * logit_blocks
+        cols = n2 * share
+        if kind == "full":
+            compute += units * cost(cols, logit_blocks, num_logits)
+        else:
+            compute += units * cost(cols, 1, blk.logits)
+    return gram + max(1, len(p.groups)) * compute
+
+
+def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
+    """Probe the network, size the blocks of both paths, choose one."""
+    symmetric = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if symmetric else x2.shape[0]
+    specs, unsupported = analyse(net)
+    out, pr = probe(net, x1[:1], specs)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"model must return logits of shape (n, K); for one example it returned "
+            f"{shape}. Wrap it so that it returns a 2-D tensor."
+        )
+    del out
+    num_logits = pr.num_logits
+    structured = None
+    if unsupported is None:
+        try:
+            check_probe(specs, pr)
+            structured = Structured(net, specs, num_logits, pr.act_elems)
+        except Unsupported as exc:
+            unsupported = str(exc)
+    num_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    fwd = structured.forward_flops() if structured else 2 * num_params
+    jacobian = Jacobian(net, num_logits, pr.act_elems, fwd)
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = int(memory_budget) // itemsize
+    dims = (n1, n2, num_logits, kind, symmetric)
+    candidates, fits = {}, {}
+    if structured is not None:
+        blk = _blocking(structured, None, *dims, budget)
+        fits["structured"] = blk is not None
+        candidates["structured"] = (structured, blk or Blocking(1, 1, False, 1))
+    blk = _blocking(jacobian, None, *dims, budget)
+    cap = num_params
+    while blk is None and cap > 1:  # smaller parameter groups
+        cap = math.ceil(cap / 2)
+        jacobian.split(cap)
+        largest = max(jacobian.groups, key=jacobian.group_params)
+        blk = _blocking(jacobian, largest, *dims, budget)
+    fits["jacobian"] = blk is not None
+    candidates["jacobian"] = (jacobian, blk or Blocking(1, 1, False, 1))
+    flops = {name: _flops(p, b, *dims) for name, (p, b) in candidates.items()}
+    flops.setdefault("structured", None)
+
+    if implementation == "structured" and structured is None:
+        raise ValueError(structured_refusal(unsupported))
+    if implementation != "auto":
+        choice, reason = implementation, "requested"
+    elif structured is None:
+        choice, reason = "jacobian", f"structured does not apply: {unsupported}"
+    elif fits["jacobian"] and not fits["structured"]:
+        choice = "jacobian"
+        reason = "only jacobian, in parameter groups, fits the memory budget"
+    elif flops["structured"] <= flops["jacobian"]:
+        choice = "structured"
+        reason = (
+            f"estimated {flops['structured']:.3g} flop against {flops['jacobian']:.3g}"
+        )
+    else:
+        choice = "jacobian"
+        reason = (
+            f"estimated {flops['jacobian']:.3g} flop against {flops['structured']:.3g}"
+        )
+    provider, blk = candidates[choice]
+    group = None
+    if provider is jacobian and jacobian.groups:
+        group = max(jacobian.groups, key=jacobian.group_params)
+    peak = _peak_elems(provider, group, blk, *dims)
+    if peak > budget:
+        logger.warning(
+            "NTK memory budget of %s too small: the %s path needs about %s even "
+            "in its smallest blocks",
+            format_bytes(memory_budget),
+            choice,
+            format_bytes(peak * itemsize),
+        )
+    out_elems = (
+        n1 * n2 * {"full": num_logits**2, "diagonal": num_logits, "trace": 1}[kind]
+    )
+    plan = NTKPlan(
+        implementation=choice,
+        reason=reason,
+        kind=kind,
+        dtype=dtype,
+        num_examples=(n1, n2),
+        num_logits=num_logits,
+        num_parameters=num_params,
+        structured_unsupported=unsupported,
+        flops=flops,
+        examples_per_block=blk.examples,
+        logits_per_block=blk.logits,
+        parameter_groups=len(provider.groups),
+        cached=blk.cached,
+        estimated_peak_bytes=peak * itemsize,
+        output_bytes=out_elems * itemsize,
+    )
+    return plan, provider, blk

@@ -1,0 +1,219 @@
+"""Structured NTK factors for Linear/Conv2d networks (private helper of ``ntkcl.ntk``).
+
+For a layer ``z = W u + b`` applied at ``L`` positions (L = 1 for a Linear layer on
+flat inputs, the output pixels for Conv2d), the Jacobian of logit ``a`` at example
+``i`` with respect to ``W`` is ``sum_p g[i, a, :, p] u[i, :, p]^T``, where ``g`` is
+the cotangent at the layer output. Hence
+
+* L = 1: the kernel term is ``<u_i, u_j> * <g_ia, g_jb>``, a Gram of the layer
+  inputs times a Gram of the cotangents (a column of ones in ``u`` adds the bias);
+* L > 1: per-example, per-logit gradients ``g_ia u_i^T`` (one batched matmul over
+  unfolded patches) and their Gram; per-example gradients of a layer take
+  ``b * k * (layer parameters)`` elements, bounded by the caller's blocking.
+
+For networks of flat Linear layers the cotangents of all logits come from one
+batched backward pass (``is_grads_batched``: the backward matmuls take all logits
+at once); with Conv2d layers, whose batched backward runs logit by logit anyway, one
+pass per logit is turned into per-example gradients before the next. The path is
+exact only when every trainable parameter sits in a Linear or Conv2d layer called
+once and nothing modifies a layer's input or output in place; ``_ntk_analysis``
+detects everything else, and the caller then falls back to the
+generic path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ntkcl._ntk_analysis import LayerSpec, Unsupported, check_call, record
+from ntkcl._ntk_blocks import Factor
+
+
+def _unfold(mod: nn.Conv2d, inp: Tensor) -> Tensor:
+    """Patches ``(b, C_in * kh * kw, L)`` exactly as the convolution sees them."""
+    padding = mod.padding
+    if isinstance(padding, str):
+        if padding == "same":
+            pads = []
+            for d, k in zip(
+                reversed(mod.dilation), reversed(mod.kernel_size), strict=True
+            ):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            inp = F.pad(inp, pads)
+        padding = 0
+    return F.unfold(inp, mod.kernel_size, mod.dilation, padding, mod.stride)
+
+
+class Structured:
+    """Computes structured factors of blocks of examples.
+
+    Args:
+        model: the network in eval mode, in the compute dtype.
+        specs: checked layer specs (:func:`check_probe`).
+        num_logits: K.
+        act_elems: elements saved for backward per example.
+    """
+
+    def __init__(self, model, specs: list[LayerSpec], num_logits: int, act_elems: int):
+        self.model = model
+        self.specs = specs
+        self.num_logits = num_logits
+        self.act_elems = act_elems
+        self.used = [s for s in specs if s.used]
+        self.per_logit = any(not s.outer for s in self.used)
+        self.groups = [None]
+
+    # cost model (elements and flops), for planning
+    def factor_elems(self, b: int, k: int, group=None) -> int:
+        per_example = sum(s.in_aug for s in self.used if s.outer and s.weight)
+        per_logit = sum(s.out_features if s.outer else s.num_params for s in self.used)
+        return b * per_example + b * k * per_logit
+
+    def work_elems(self, b: int, k: int, group=None) -> int:
+        """Graph, patches, backward buffers and the block's own factors."""
+        patches = sum(s.in_aug * s.positions for s in self.used if not s.outer)
+        backward = self.act_elems + sum(s.out_numel for s in self.used)
+        passes = 1 if self.per_logit else k  # logits in flight in one backward
+        own = self.factor_elems(b, k)
+        return b * (self.act_elems + patches) + b * passes * backward + own
+
+    def forward_flops(self) -> int:
+        return sum(s.forward_flops for s in self.specs if s.called)
+
+    def logit_flops(self) -> int:
+        """Backward and factor flops per example and logit."""
+        backward = sum(s.forward_flops for s in self.specs if s.called and s.input_grad)
+        pe = sum(2 * s.num_params * s.positions for s in self.used if not s.outer)
+        return backward + pe
+
+    def gram_flops(self, example_pairs: float, pairs: float, group=None) -> float:
+        flops = 0.0
+        for s in self.used:
+            if s.outer:
+                flops += 2 * example_pairs * (s.in_aug if s.weight else 0)
+                flops += 2 * pairs * s.out_features
+            else:
+                flops += 2 * pairs * s.num_params
+        return flops
+
+    # the factors
+    def compute(self, x: Tensor, logits: slice, group=None) -> list[Factor | None]:
+        b = x.shape[0]
+        out, calls = record(self.model, self.specs, x)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (b, self.num_logits):
+            raise Unsupported("the output shape changed between blocks")
+        for spec, spec_calls in zip(self.specs, calls, strict=True):
+            if len(spec_calls) != int(spec.called):
+                raise Unsupported(
+                    f"{spec.name!r} is called a different number of times"
+                )
+            if spec.called:
+                check_call(spec, spec_calls[0], b)
+                if spec.readout and spec_calls[0].out is not out:
+                    raise Unsupported(f"{spec.name!r} stopped giving the logits")
+        active = [(s, c[0]) for s, c in zip(self.specs, calls, strict=True) if s.used]
+        if not active:
+            return []
+
+        k = logits.stop - logits.start
+        zs = [c.out for _, c in active]
+        terms = [_Terms(spec, call.inp.detach(), logits, b) for spec, call in active]
+        if not self.per_logit:
+            # flat Linear layers only: every logit's cotangents in one batched
+            # backward pass (vmap over the cotangents, i.e. big matmuls)
+            cot = out.new_zeros((k, b, self.num_logits))
+            idx = torch.arange(k, device=out.device)
+            cot[idx, :, idx + logits.start] = 1
+            grads = torch.autograd.grad(
+                out, zs, cot, is_grads_batched=True, allow_unused=True
+            )
+            for t, g in zip(terms, grads, strict=True):
+                t.add(slice(0, k), g)
+        else:
+            # with Conv2d (whose batched backward runs per logit anyway): one pass
+            # per logit, turned into per-example gradients before the next
+            for a in range(k):
+                cot = out.new_zeros((b, self.num_logits))
+                cot[:, logits.start + a] = 1
+                grads = torch.autograd.grad(
+                    out, zs, cot, retain_graph=a < k - 1, allow_unused=True
+                )
+                for t, g in zip(terms, grads, strict=True):
+                    t.add(slice(a, a + 1), None if g is None else g.unsqueeze(0))
+        return [f for t in terms for f in t.factors()]
+
+
+class _Terms:
+    """The factors of one layer for a block of examples, filled logit by logit.
+
+    Args:
+        spec: the layer.
+        inp: ``(b, ...)`` its input in this forward pass.
+        logits: the logits of the block.
+        b: examples in the block.
+    """
+
+    def __init__(self, spec: LayerSpec, inp: Tensor, logits: slice, b: int):
+        self.spec, self.logits, self.b = spec, logits, b
+        self.k = logits.stop - logits.start
+        self.inputs = self.rows = None
+        if spec.outer and spec.weight:
+            self.inputs = inp
+            if spec.bias:  # a column of ones adds the bias to the input Gram
+                self.inputs = torch.cat([inp, inp.new_ones(b, 1)], dim=1)
+        elif spec.weight and spec.conv:
+            self.rows = _unfold(spec.module, inp).transpose(1, 2)  # (b, L, Q)
+        elif spec.weight:
+            self.rows = inp.reshape(b, -1, spec.in_features)  # (b, L, Q)
+        self.feats = self.jac = self.bias = None
+
+    def add(self, logits: slice, g: Tensor | None) -> None:
+        """Take the cotangents ``g`` ``(k', b, ...)`` of the block's ``logits``."""
+        if g is None:
+            return
+        spec, b, c = self.spec, self.b, self.spec.out_features
+        kk = logits.stop - logits.start
+        if spec.outer:
+            g = g.reshape(kk, b, c)  # logit-major, as autograd returns it
+            if kk == self.k:
+                self.feats = g
+            else:
+                if self.feats is None:
+                    self.feats = g.new_empty((self.k, b, c))
+                self.feats[logits] = g
+            return
+
+        # per-example gradients contracted over the L positions; the bias
+        # gradient (the sum over positions) is a factor of its own
+        if spec.conv:
+            g = g.reshape(kk, b, c, -1)  # (k', b, C, L)
+        else:
+            g = g.reshape(kk, b, -1, c).transpose(2, 3)  # (k', b, W, L)
+        if self.rows is not None:
+            if self.rows.shape[1] != g.shape[-1]:
+                raise Unsupported(f"patches of {spec.name!r} do not match its output")
+            if self.jac is None:
+                self.jac = g.new_empty((self.k, b, c, self.rows.shape[-1]))
+            for i in range(kk):  # one batched matmul over the examples per logit
+                torch.bmm(g[i], self.rows, out=self.jac[logits.start + i])
+        if spec.bias:
+            if self.bias is None:
+                self.bias = g.new_empty((self.k, b, c))
+            self.bias[logits] = g.sum(-1)
+
+    def factors(self) -> list[Factor | None]:
+        spec = self.spec
+        if self.feats is None and self.jac is None and self.bias is None:
+            return [None] * spec.num_factors  # the layer does not reach the logits
+        if spec.outer:
+            onehot = self.logits.start if spec.readout else None
+            return [Factor(self.feats, self.inputs, True, onehot)]
+        terms = []
+        if self.jac is not None:
+            terms.append(Factor(self.jac.view(self.k, self.b, -1), None, True))
+        if spec.bias:
+            terms.append(Factor(self.bias, None, True))
+        return terms

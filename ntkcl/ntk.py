@@ -1,0 +1,238 @@
+"""The empirical neural tangent kernel, exact and memory-bounded.
+
+For a network ``f`` with trainable parameters ``theta`` and K logits, the empirical
+NTK between examples ``x1[i]`` and ``x2[j]`` is the ``K x K`` matrix
+
+    Theta[i, j, a, b] = sum_p  d f_a(x1[i]) / d theta_p  *  d f_b(x2[j]) / d theta_p.
+
+:func:`empirical_ntk` returns it in one of three kinds: ``full`` ``(n1, n2, K, K)``,
+``diagonal`` ``(n1, n2, K)`` (the ``a == b`` blocks) or ``trace`` ``(n1, n2)``, the
+SUM over logits (neural-tangents' ``trace_axes=(-1,)`` gives the mean instead).
+
+Two exact implementations:
+
+* ``structured``, for networks whose trainable parameters all sit in ``nn.Linear``
+  and ``nn.Conv2d`` layers joined by parameter-free operations (activations, pooling,
+  flattening, reshapes, residual additions, eval-mode normalisation without
+  trainable affine parameters). Per layer it multiplies a Gram of the layer inputs
+  by a Gram of the cotangents at its outputs (Conv2d and Linear layers on
+  sequences: a Gram of per-example gradients built from unfolded patches). It never
+  forms a Jacobian with respect to all parameters.
+* ``jacobian``, for anything else: per-example Jacobians from ``torch.func``
+  (``vmap`` over ``jacrev``) and their Gram, processed in blocks of examples, logits
+  and parameters.
+
+The structured path refuses, and ``auto`` then takes ``jacobian``, whenever it could
+be wrong: a trainable parameter outside Linear/Conv2d (norm layers, embeddings,
+Conv1d, attention), a module or parameter used twice (tied weights), a parameter
+also used outside its layer, a Conv2d with groups > 1 or a non-zero padding mode, a
+layer with hooks, or an in-place operation that changes a layer's input or output
+after it ran (``ReLU(inplace=True)``; detected by version counters).
+
+``auto`` takes ``structured`` whenever the network qualifies and its estimated cost
+(forward, backward and Gram flops for the given n, K and kind) is lower, which in
+practice is always: its Grams are smaller, and its per-example gradients of Conv2d
+layers cost what the generic path's do. :func:`plan_ntk` shows which path runs,
+why, the blocking and the estimates; each call also logs it at DEBUG level on the
+``ntkcl.ntk`` logger.
+
+Example:
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(8, 3))
+    >>> empirical_ntk(net, torch.randn(5, 4), kind="full").shape
+    torch.Size([5, 5, 3, 3])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import numbers
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ntkcl._ntk_analysis import Unsupported
+from ntkcl._ntk_blocks import Blocking, contract, finish, new_kernel
+from ntkcl._ntk_plan import NTKPlan, make_plan, structured_refusal
+
+__all__ = ["KINDS", "IMPLEMENTATIONS", "NTKPlan", "empirical_ntk", "plan_ntk"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("full", "diagonal", "trace")
+IMPLEMENTATIONS = ("auto", "structured", "jacobian")
+
+
+def empirical_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    kind: str = "trace",
+    dtype: torch.dtype | None = None,
+    implementation: str = "auto",
+    memory_budget: int = 2**30,
+) -> Tensor:
+    """The exact empirical NTK of ``model`` with respect to its trainable parameters.
+
+    The model is evaluated in eval mode (BatchNorm uses its running statistics,
+    Dropout is off); every module's training flag is restored afterwards and the
+    parameters, buffers and ``.grad`` fields are left untouched. Parameters with
+    ``requires_grad=False`` are constants; a parameter shared between modules counts
+    once. Examples must be independent of each other in eval mode.
+
+    Args:
+        model: maps a batch ``(n, ...)`` to logits ``(n, K)``.
+        x1: ``(n1, ...)`` inputs; moved to the model's device and, if floating,
+            cast to the compute dtype.
+        x2: ``(n2, ...)`` inputs, or None (or ``x1`` itself) for the kernel of
+            ``x1`` with itself (symmetric; only about half of it is computed).
+        kind: ``"full"`` ``(n1, n2, K, K)``, ``"diagonal"`` ``(n1, n2, K)`` or
+            ``"trace"`` ``(n1, n2)``, the sum over logits.
+        dtype: compute dtype; None keeps the model's. Another dtype (e.g.
+            ``torch.float64``) computes on a converted copy of the model.
+        implementation: ``"auto"``, ``"structured"`` (raises ValueError for a
+            network it cannot compute exactly) or ``"jacobian"``.
+        memory_budget: bytes of working memory (factors, Jacobian blocks,
+            activations) to stay within, beyond the model and the returned kernel.
+
+    Returns:
+        The kernel on the model's device in the compute dtype, shaped as ``kind``
+        says.
+
+    Raises:
+        ValueError: for an unknown kind or implementation, inputs of mismatched
+            shapes, a model that does not return ``(n, K)`` logits, or
+            ``implementation="structured"`` on a network it does not cover.
+
+    Warning:
+        ``trace`` sums over logits; divide by K for neural-tangents' default.
+    """
+    _validate(model, x1, x2, kind, dtype, implementation, memory_budget)
+    x2 = None if x2 is x1 else x2  # the same batch: compute half, mirror
+    with _prepared(model, x1, x2, dtype) as (net, x1c, x2c, cdtype):
+        args = (net, x1c, x2c, kind, cdtype, memory_budget)
+        plan, provider, blocking = make_plan(*args, implementation)
+        logger.debug("empirical NTK: %s", plan.describe())
+        try:
+            return _run(provider, blocking, x1c, x2c, kind, plan)
+        except Unsupported as exc:
+            if implementation == "structured":
+                raise ValueError(structured_refusal(str(exc))) from exc
+            logger.info("structured NTK path gave up (%s); using jacobian", exc)
+            plan, provider, blocking = make_plan(*args, "jacobian")
+            logger.debug("empirical NTK: %s", plan.describe())
+            return _run(provider, blocking, x1c, x2c, kind, plan)
+
+
+def plan_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    kind: str = "trace",
+    dtype: torch.dtype | None = None,
+    implementation: str = "auto",
+    memory_budget: int = 2**30,
+) -> NTKPlan:
+    """The plan :func:`empirical_ntk` would follow for these arguments.
+
+    Runs one forward pass on one example of ``x1`` (in eval mode, restored after).
+    Arguments as for :func:`empirical_ntk`.
+
+    Returns:
+        The path that would run, why, its block sizes and the cost estimates.
+    """
+    _validate(model, x1, x2, kind, dtype, implementation, memory_budget)
+    x2 = None if x2 is x1 else x2  # the same batch: compute half, mirror
+    with _prepared(model, x1, x2, dtype) as (net, x1c, x2c, cdtype):
+        return make_plan(net, x1c, x2c, kind, cdtype, memory_budget, implementation)[0]
+
+
+def _validate(model, x1, x2, kind, dtype, implementation, memory_budget) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if kind not in KINDS:
+        raise ValueError(
+            f"kind must be 'full', 'diagonal' or 'trace', got {kind!r}; use 'trace' "
+            "for the (n1, n2) kernel summed over logits."
+        )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be 'auto', 'structured' or 'jacobian', got "
+            f"{implementation!r}; 'auto' picks the faster exact one."
+        )
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None and name == "x2":
+            continue
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must be a tensor of shape (n, ...) holding at least one "
+                f"example, got {shape}; add a batch axis with x.unsqueeze(0)."
+            )
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"x2 must have the same example shape as x1, got {tuple(x2.shape)} "
+            f"against {tuple(x1.shape)}; only the first (example) axis may differ."
+        )
+    if dtype is not None and not (
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"dtype must be None or a floating torch.dtype, got {dtype!r}; for example "
+            "torch.float64."
+        )
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, numbers.Integral)
+        or memory_budget <= 0
+    ):
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
+            "for example 2**30 for 1 GiB."
+        )
+
+
+def _model_dtype_device(model: nn.Module, x: Tensor):
+    tensors = list(model.parameters()) + list(model.buffers())
+    floats = [t for t in tensors if t.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.get_default_dtype()
+    device = tensors[0].device if tensors else x.device
+    return dtype, device
+
+
+def _as_input(x: Tensor | None, device, dtype) -> Tensor | None:
+    if x is None:
+        return None
+    x = x.detach().to(device=device, dtype=dtype if x.is_floating_point() else None)
+    return x.clone() if x.is_inference() else x
+
+
+@contextmanager
+def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
+    """Eval mode (restored on exit), the compute-dtype model and inputs, grad on."""
+    model_dtype, device = _model_dtype_device(model, x1)
+    compute_dtype = dtype or model_dtype
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            model.eval()
+            net = model
+            if compute_dtype != model_dtype:
+                net = copy.deepcopy(model).to(compute_dtype)
+            x1c = _as_input(x1, device, compute_dtype)
+            yield net, x1c, _as_input(x2, device, compute_dtype), compute_dtype
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _run(provider, blocking: Blocking, x1, x2, kind: str, plan: NTKPlan) -> Tensor:
+    n1, n2 = plan.num_examples
+    k = plan.num_logits
+    out = new_kernel(kind, n1, n2, k, plan.dtype, x1.device)
+    blocks = contract(provider.compute, provider.groups, x1, x2, kind, k, blocking, out)
+    return finish(kind, out, blocks)

@@ -1,0 +1,480 @@
+"""Tests of ntkcl.ntk against a brute-force per-example autograd Jacobian."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from ntkcl.ntk import empirical_ntk, plan_ntk
+
+KINDS = ("full", "diagonal", "trace")
+PATHS = ("structured", "jacobian")
+EXACT = 1e-10  # relative, float64
+
+
+# reference: per-example Jacobians by plain autograd, one logit at a time
+
+
+def jacobian_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(n, K, P)`` Jacobian of the logits w.r.t. the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1])[0]
+        per_logit = []
+        for a in range(out.shape[0]):
+            grads = torch.autograd.grad(
+                out[a], params, retain_graph=True, allow_unused=True
+            )
+            flat = [
+                torch.zeros_like(p).flatten() if g is None else g.flatten()
+                for g, p in zip(grads, params, strict=True)
+            ]
+            per_logit.append(torch.cat(flat))
+        rows.append(torch.stack(per_logit))
+    return torch.stack(rows)
+
+
+def reference(model, x1, x2=None, kind="full"):
+    """The NTK by contracting brute-force Jacobians, in eval mode."""
+    training = model.training
+    model.eval()
+    j1 = jacobian_rows(model, x1)
+    j2 = j1 if x2 is None else jacobian_rows(model, x2)
+    model.train(training)
+    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    if kind == "full":
+        return full
+    diagonal = torch.diagonal(full, dim1=2, dim2=3)
+    return diagonal if kind == "diagonal" else diagonal.sum(-1)
+
+
+def assert_close(actual, expected, rtol=EXACT):
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().clamp_min(1e-300)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= rtol, f"relative error {error:.2e} above {rtol:.0e}"
+
+
+# networks; inputs are (n, 5) for MLPs and (n, 2, 8, 8) for CNNs
+
+
+class SequenceNet(nn.Module):
+    """A Linear layer applied at every position of a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 4)
+        self.mix = nn.Linear(4, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x)).unsqueeze(1).expand(-1, 2, -1) * 1.5
+        return self.head(self.mix(h).flatten(1))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.block = nn.Linear(6, 6)
+        self.unused = nn.Linear(6, 6)  # never called: contributes nothing
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = h + torch.tanh(self.block(h))
+        return self.out(h)
+
+
+def mlp(activation, bias=True):
+    return nn.Sequential(
+        nn.Linear(5, 7, bias=bias),
+        activation,
+        nn.Linear(7, 6, bias=bias),
+        activation,
+        nn.Linear(6, 3, bias=bias),
+    )
+
+
+def cnn_max():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 3),
+    )
+
+
+def cnn_avg():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding="same", dilation=2),
+        nn.GELU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(4, 3, 2, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 3, bias=False),
+    )
+
+
+NETWORKS = {
+    "mlp-relu": lambda: mlp(nn.ReLU()),
+    "mlp-tanh-nobias": lambda: mlp(nn.Tanh(), bias=False),
+    "mlp-gelu": lambda: mlp(nn.GELU()),
+    "cnn-stride-maxpool": cnn_max,
+    "cnn-dilation-avgpool": cnn_avg,
+    "sequence-linear": SequenceNet,
+    "residual": ResidualNet,
+}
+
+
+def inputs(name, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, 2, 8, 8) if name.startswith("cnn") else (n, 5)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def network(name):
+    torch.manual_seed(0)
+    return NETWORKS[name]().double()
+
+
+_REFERENCES = {}
+
+
+def reference_for(name, symmetric):
+    key = (name, symmetric)
+    if key not in _REFERENCES:
+        net, x1, x2 = network(name), inputs(name, 4, 1), inputs(name, 3, 2)
+        _REFERENCES[key] = reference(net, x1, None if symmetric else x2)
+    return _REFERENCES[key]
+
+
+def reduce(full, kind):
+    if kind == "full":
+        return full
+    diagonal = torch.diagonal(full, dim1=2, dim2=3)
+    return diagonal if kind == "diagonal" else diagonal.sum(-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["x2-none", "x2-given"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_matches_brute_force(name, kind, path, symmetric):
+    net, x1, x2 = network(name), inputs(name, 4, 1), inputs(name, 3, 2)
+    got = empirical_ntk(
+        net, x1, None if symmetric else x2, kind=kind, implementation=path
+    )
+    assert_close(got, reduce(reference_for(name, symmetric), kind))
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_auto_takes_the_structured_path(name):
+    net = network(name)
+    plan = plan_ntk(net, inputs(name, 4, 1), kind="full")
+    assert plan.implementation == "structured", plan.reason
+    assert plan.structured_unsupported is None
+    assert plan.flops["structured"] <= plan.flops["jacobian"]
+
+
+@pytest.mark.parametrize("name", ["mlp-relu", "cnn-stride-maxpool"])
+def test_symmetric_and_positive_semidefinite(name):
+    net, x = network(name), inputs(name, 6, 3)
+    full = empirical_ntk(net, x, kind="full")
+    n, k = x.shape[0], full.shape[-1]
+    matrix = full.permute(0, 2, 1, 3).reshape(n * k, n * k)
+    assert torch.equal(matrix, matrix.T)
+    assert torch.linalg.eigvalsh(matrix).min() >= -EXACT * matrix.abs().max()
+    diagonal = empirical_ntk(net, x, kind="diagonal")
+    for kernel in [empirical_ntk(net, x, kind="trace")] + list(diagonal.unbind(-1)):
+        assert torch.equal(kernel, kernel.T)
+        assert torch.linalg.eigvalsh(kernel).min() >= -EXACT * kernel.abs().max()
+
+
+def test_the_chosen_path_is_logged(caplog):
+    net, x = network("mlp-relu"), inputs("mlp", 3, 1)
+    with caplog.at_level(logging.DEBUG, logger="ntkcl.ntk"):
+        same = empirical_ntk(net, x, x, kind="diagonal")  # x2 is x1: symmetric
+    assert "empirical NTK: structured" in caplog.text
+    assert torch.equal(same, empirical_ntk(net, x, kind="diagonal"))
+
+
+def test_row_blocks_of_a_larger_probe_set():
+    # more than 128 examples: the symmetric kernel is contracted in row blocks
+    net, x = network("mlp-tanh-nobias"), inputs("mlp-tanh-nobias", 136, 4)
+    plan = plan_ntk(net, x, kind="full")
+    assert plan.cached
+    assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
+
+
+# networks the structured path must refuse, and the generic path computes exactly
+
+
+class TiedNet(nn.Module):
+    def __init__(self, share_parameter: bool):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        if share_parameter:
+            self.b.weight = self.a.weight  # one Parameter in two modules
+        self.out = nn.Linear(5, 3)
+        self.reuse = not share_parameter
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh((self.a if self.reuse else self.b)(h))  # module called twice
+        return self.out(h)
+
+
+class FunctionalUseNet(nn.Module):
+    """Uses a Linear layer's weight outside the layer's own call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + x @ self.a.weight.T
+        return self.out(h)
+
+
+UNSUPPORTED = {
+    "layernorm": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3)
+        ),
+        "LayerNorm",
+    ),
+    "batchnorm": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)
+        ),
+        "BatchNorm1d",
+    ),
+    "tied-parameter": (lambda: TiedNet(share_parameter=True), "same tensor"),
+    "module-called-twice": (lambda: TiedNet(share_parameter=False), "called 2 times"),
+    "inplace-relu": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)),
+        "in place",
+    ),
+    "functional-use": (FunctionalUseNet, "more than once"),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Unflatten(1, (1, 5)),
+            nn.Conv1d(1, 2, 1),  # not Conv2d
+            nn.Flatten(),
+            nn.Linear(10, 3),
+        ),
+        "Conv1d",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_networks_fall_back_and_stay_exact(name):
+    factory, why = UNSUPPORTED[name]
+    torch.manual_seed(0)
+    net = factory().double()
+    x1, x2 = inputs("mlp", 4, 1), inputs("mlp", 3, 2)
+    plan = plan_ntk(net, x1, kind="full")
+    assert plan.implementation == "jacobian"
+    assert why in plan.structured_unsupported
+    with pytest.raises(ValueError, match="cannot compute this network exactly"):
+        empirical_ntk(net, x1, kind="trace", implementation="structured")
+    assert_close(empirical_ntk(net, x1, x2, kind="full"), reference(net, x1, x2))
+
+
+class BatchDependent(nn.Module):
+    """Calls its layer a second time only for batches of more than one example."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] > 1:
+            h = h + 0 * self.a(h)
+        return self.out(h)
+
+
+def test_a_change_after_the_probe_falls_back_too(caplog):
+    torch.manual_seed(0)
+    net, x = BatchDependent().double(), inputs("mlp", 4, 1)
+    assert plan_ntk(net, x).implementation == "structured"  # one example looks fine
+    with caplog.at_level(logging.INFO, logger="ntkcl.ntk"):
+        got = empirical_ntk(net, x, kind="full")
+    assert "gave up" in caplog.text
+    assert_close(got, reference(net, x))
+    with pytest.raises(ValueError, match="called a different number of times"):
+        empirical_ntk(net, x, implementation="structured")
+
+
+@pytest.mark.parametrize("frozen", ["layer", "weight", "bias", "readout-weight"])
+def test_frozen_parameters_are_excluded(frozen):
+    net, x = network("mlp-relu"), inputs("mlp-relu", 4, 1)
+    if frozen == "layer":
+        net[2].requires_grad_(False)
+    elif frozen == "readout-weight":
+        net[4].weight.requires_grad_(False)
+    else:
+        getattr(net[0], frozen).requires_grad_(False)
+    assert plan_ntk(net, x).implementation == "structured"
+    for path in PATHS:
+        got = empirical_ntk(net, x, kind="full", implementation=path)
+        assert_close(got, reference(net, x))
+
+
+def test_grouped_conv2d_falls_back():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
+    ).double()
+    x = inputs("cnn", 3, 1)
+    assert "groups=2" in plan_ntk(net, x).structured_unsupported
+    assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
+
+
+# state, dtype, device, memory
+
+
+def test_mode_and_parameters_are_restored():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 6),
+        nn.BatchNorm1d(6),
+        nn.Dropout(0.5),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ).double()
+    net.train()
+    net[2].eval()  # a mixed state must come back as it was
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    modes = [m.training for m in net.modules()]
+    x = inputs("mlp", 4, 1)
+    first = empirical_ntk(net, x, kind="full")
+    assert [m.training for m in net.modules()] == modes
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in net.parameters())
+    # eval mode: running statistics, no dropout, hence deterministic
+    assert torch.equal(empirical_ntk(net, x, kind="full"), first)
+    assert_close(first, reference(net, x))
+
+
+def test_float64_on_a_copy_and_float32_agrees():
+    torch.manual_seed(0)
+    net = mlp(nn.Tanh())  # smooth: no ReLU kinks that rounding could flip
+    x = inputs("mlp", 5, 1).float()
+    for path in PATHS:
+        single = empirical_ntk(net, x, kind="full", implementation=path)
+        double = empirical_ntk(
+            net, x, kind="full", dtype=torch.float64, implementation=path
+        )
+        assert single.dtype == torch.float32 and double.dtype == torch.float64
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        assert_close(single.double(), double, rtol=1e-5)
+    assert_close(double, reference(net.double(), x.double()))
+
+
+def test_grad_modes_of_the_caller_do_not_matter():
+    net, x = network("cnn-stride-maxpool"), inputs("cnn", 3, 1)
+    expected = empirical_ntk(net, x)
+    with torch.no_grad():
+        assert torch.equal(empirical_ntk(net, x), expected)
+    with torch.inference_mode():
+        assert torch.equal(empirical_ntk(net, x), expected)
+
+
+def logit_blocks_budget(net, x, path):
+    """The largest budget (within a factor 1.25) that splits the logits."""
+    budget = plan_ntk(net, x, kind="full", implementation=path).estimated_peak_bytes
+    while budget > 1:
+        plan = plan_ntk(net, x, kind="full", implementation=path, memory_budget=budget)
+        if plan.logits_per_block < plan.num_logits:
+            return budget
+        budget = int(budget / 1.25)
+    raise AssertionError("no budget splits the logits")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["mlp-gelu", "cnn-dilation-avgpool"])
+def test_small_budgets_give_the_same_kernel(name, path, caplog):
+    caplog.set_level(logging.ERROR, logger="ntkcl.ntk")  # "over budget" notes
+    net, x1, x2 = network(name), inputs(name, 3, 1), inputs(name, 2, 2)
+    roomy = plan_ntk(net, x1, kind="full", implementation=path).estimated_peak_bytes
+    seen = set()
+    for kind in KINDS:
+        # cached in example blocks, then streamed, then in blocks of logits too;
+        # 1 byte: the smallest blocks
+        budgets = [int(roomy / 1.3), roomy // 3, logit_blocks_budget(net, x1, path)]
+        for second in (None, x2):
+            expected = empirical_ntk(net, x1, second, kind=kind, implementation=path)
+            for budget in budgets + [1] * (kind == "trace" and second is None):
+                args = dict(kind=kind, implementation=path, memory_budget=budget)
+                plan = plan_ntk(net, x1, second, **args)
+                fewer = plan.examples_per_block < x1.shape[0]
+                seen.add((plan.cached, fewer, plan.logits_per_block < 3))
+                if budget == 1:
+                    assert plan.examples_per_block == plan.logits_per_block == 1
+                    assert (plan.parameter_groups > 1) == (path == "jacobian")
+                assert_close(empirical_ntk(net, x1, second, **args), expected, 1e-12)
+    assert {(True, True, False), (False, True, True)} <= seen
+
+
+def test_width_2048_mlp_full_kernel_plan_fits_in_4_gb():
+    # planning only (no computation): 3072 inputs, depth 3, 100 probes, float32
+    torch.manual_seed(0)
+    layers, width = [], 2048
+    for fan_in in (3072, width, width):
+        layers += [nn.Linear(fan_in, width), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Linear(width, 10))
+    plan = plan_ntk(net, torch.randn(100, 3072), kind="full")
+    assert plan.implementation == "structured" and plan.cached
+    assert plan.estimated_peak_bytes < 2**30  # the default budget
+    assert plan.output_bytes == 100 * 100 * 10 * 10 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    net, x = network("cnn-stride-maxpool"), inputs("cnn", 4, 1)
+    expected = empirical_ntk(net, x, kind="full")
+    got = empirical_ntk(net.cuda(), x.cuda(), kind="full")
+    assert got.device.type == "cuda"
+    assert_close(got.cpu(), expected, 1e-9)
+
+
+# argument checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(kind="traced"), "kind must be"),
+        (dict(implementation="fast"), "implementation must be"),
+        (dict(memory_budget=0), "memory_budget must be"),
+        (dict(dtype=torch.int64), "dtype must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    net, x = network("mlp-relu"), inputs("mlp", 3, 1)
+    with pytest.raises(ValueError, match=message):
+        empirical_ntk(net, x, **kwargs)
+
+
+def test_bad_shapes():
+    net, x = network("mlp-relu"), inputs("mlp", 3, 1)
+    with pytest.raises(ValueError, match="same example shape"):
+        empirical_ntk(net, x, x[:, :4])
+    with pytest.raises(ValueError, match="at least one example"):
+        empirical_ntk(net, x[:0])
+    with pytest.raises(ValueError, match=r"logits of shape \(n, K\)"):
+        empirical_ntk(nn.Sequential(net, nn.Flatten(0)), x)
