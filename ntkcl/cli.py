@@ -13,6 +13,7 @@ Every Snakemake rule calls :func:`run_rule` (through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -36,10 +37,13 @@ def configure_logging(log_file: str | Path | None = None, level=logging.INFO) ->
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger("ntkcl")
+    warnings_logger = logging.getLogger("py.warnings")
+    for old in {*root.handlers, *warnings_logger.handlers}:
+        old.close()  # a FileHandler of an earlier call keeps its file open
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)
-    logging.getLogger("py.warnings").handlers[:] = [handler]
+    warnings_logger.handlers[:] = [handler]
 
 
 # ----------------------------------------------------------------------------
@@ -61,11 +65,38 @@ def train(run: dict, data_path, out, work_dir, checkpoint_interval=60.0) -> str:
 
 
 def reduce(archive_path, out) -> None:
+    import numpy as np
+
     from . import archive, reduce
 
-    with archive.open_archive(archive_path) as ds:
+    with _reading(archive_path), archive.open_archive(archive_path) as ds:
+        if ds.attrs.get("status") == "running":
+            log.warning("%s is still being written (status running)", archive_path)
         metrics = reduce.reduce_archive(ds)
+    # a kernel with a non-finite value gives NaN metrics (ntkcl.metrics); ntkcl
+    # train never archives one, so the archive is damaged
+    damaged = np.flatnonzero(np.isnan(metrics["max_eigenvalue"].values))
+    if damaged.size:
+        steps = metrics["step"].values[damaged]
+        raise archive.ArchiveError(
+            f"{archive_path}: non-finite kernel values in {damaged.size} dump(s), "
+            f"first dump {damaged[0]} (iteration {steps[0]}); `ntkcl inspect "
+            f"{archive_path}` lists every problem."
+        )
     reduce.write_netcdf(metrics, out)
+
+
+@contextlib.contextmanager
+def _reading(archive_path):
+    """Turn a failure while reading an archive into one error naming the file."""
+    from .archive import ArchiveError
+
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except (ValueError, OSError, RuntimeError) as error:  # h5py: OSError, ...
+        raise ArchiveError(f"{archive_path}: {error}") from error
 
 
 def aggregate(paths, dims, out) -> None:
@@ -107,7 +138,9 @@ def claims(metrics_path, out_csv) -> None:
 def run_rule(smk) -> None:
     """Run the step of the Snakemake rule ``smk.rule`` with the job's files.
 
-    Log records (and any error with its traceback) go to the rule's ``log:``.
+    Log records go to the rule's ``log:``. Bad input (:data:`_USER_ERRORS`, e.g. a
+    broken archive) ends the job with one message naming the file and the problem
+    (SystemExit); anything else is logged with its traceback and re-raised.
     """
     configure_logging(smk.log[0] if smk.log else None)
     import torch
@@ -133,6 +166,10 @@ def run_rule(smk) -> None:
         raise ValueError(f"ntkcl has no step for rule {smk.rule!r}.")
     try:
         steps[smk.rule]()
+    except _USER_ERRORS as error:
+        # bad input (a broken archive, a missing dataset): one line, no traceback
+        log.error("rule %s failed: %s", smk.rule, error)
+        raise SystemExit(f"ntkcl {smk.rule}: error: {error}") from None
     except Exception:
         log.exception("rule %s failed", smk.rule)
         raise
@@ -193,16 +230,34 @@ def _cmd_reduce(args) -> None:
     print(f"wrote {args.output}")
 
 
-def _cmd_inspect(args) -> None:
-    from . import archive
+def _cmd_inspect(args) -> int:
+    from . import archive, inspection
 
-    with archive.open_archive(args.archive) as ds:
-        summary = archive.summary(ds, args.archive)
+    with _reading(args.archive), archive.open_archive(args.archive) as ds:
+        problems = inspection.check(ds)
+        if args.validate:
+            info = {"file": str(args.archive), "dumps": ds.sizes["step"]}
+            info["problems"] = problems
+        else:
+            info = inspection.summary(ds, args.archive)
+            info["problems"] = problems
+        if args.step is not None:
+            info["spectrum"] = inspection.spectrum(ds, args.step)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(info, indent=2))
+    elif args.validate:
+        for problem in problems:
+            print(f"{args.archive}: {problem}")
+        if not problems:
+            print(f"{args.archive}: valid ({info['dumps']} dumps checked)")
     else:
-        for key, value in summary.items():
-            print(f"{key:>18}: {value}")
+        print(inspection.format_text(info))
+    if problems and not args.json:
+        print(
+            f"ntkcl inspect: {len(problems)} problem(s) in {args.archive}",
+            file=sys.stderr,
+        )
+    return 1 if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,9 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_reduce)
 
-    p = sub.add_parser("inspect", help="summarise a kernel archive")
+    p = sub.add_parser(
+        "inspect",
+        help="summarise and check a kernel archive (also one being written)",
+        description="Summarise a kernel archive and check it, reading each dump "
+        "once; exits 1 when a check fails, 2 when the file cannot be read.",
+    )
     p.add_argument("archive")
+    p.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="add the spectrum of the dump at iteration N",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="only check: structure, monotone iterations, finite values, kernel "
+        "symmetry; print each problem",
+    )
     p.set_defaults(func=_cmd_inspect)
     return parser
 
@@ -248,11 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(None, logging.DEBUG if args.verbose else logging.INFO)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except _USER_ERRORS as error:
         print(f"ntkcl {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

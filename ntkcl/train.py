@@ -7,9 +7,22 @@ iteration 0, every ``ntk.every`` iterations, right before every task switch
 first update on the new task) and at the end, together with the probe logits
 and the accuracy on every task's held-out examples.
 
-The archive and a checkpoint live in a work folder while the run trains; a
-rerun after a kill continues from the checkpoint, and the finished archive is
-moved to its output path in one atomic step.
+The archive and a checkpoint live in a work folder while the run trains; the
+finished archive is moved to its output path in one atomic step. Resume after a
+kill (SIGKILL included; tests/test_resume.py kills at every stage):
+
+* the checkpoint (model, optimizer, the batch generator's state, iteration,
+  number of dumps) is written after a dump, once the archive is fsynced, to a
+  temporary file that is fsynced and renamed: it is never ahead of the archive;
+* a rerun keeps the archive's first dumps up to the checkpoint's count (copied
+  into a fresh file, :func:`ntkcl.archive.truncate`: a killed writer may have
+  left half a dump) and continues from the checkpoint; on the CPU the finished
+  archive equals an uninterrupted run's in every kernel, logit and accuracy;
+* without a usable checkpoint (none yet, unreadable, or ahead of the archive) it
+  starts afresh; a finished archive not yet moved is just moved.
+
+A loss, kernel or logit that stops being finite ends the run as ``diverged``:
+the archive keeps the dumps before it and records the iteration and reason.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, archive, data, models, tasks
-from .ntk import empirical_ntk
+from .ntk import empirical_ntk, plan_ntk
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +85,35 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> flo
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write, fsync and rename: a kill or a node failure leaves the old or the new."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _load_checkpoint(path: Path, device, config_json: str, run_id: str) -> dict | None:
+    """The checkpoint of a killed attempt, or None if there is none or it is broken."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # a damaged file: pickle, zip and torch errors
+        log.warning("cannot read %s (%s); starting afresh", path, error)
+        return None
+    if state["config_json"] != config_json:
+        raise RuntimeError(
+            f"{path} belongs to a different configuration of run {run_id}; delete "
+            f"{path.parent} to start this run afresh."
+        )
+    return state
 
 
 def train_run(
@@ -155,21 +194,34 @@ def train_run(
         run["ntk"]["dtype"]
     ]
 
-    # start fresh, or continue from the checkpoint of a killed attempt
+    # a killed attempt may have left: a finished archive not yet published, or an
+    # archive with a checkpoint to resume from (the archive may hold more dumps
+    # than the checkpoint, or half a dump), or an archive without a checkpoint
+    checkpoint_path.with_suffix(".tmp").unlink(missing_ok=True)
+    if work_archive.exists():
+        try:
+            finished, stored_config = archive.read_status(work_archive)
+        except archive.ArchiveError:
+            finished, stored_config = "running", ""
+        if finished != "running" and stored_config == config_json:
+            log.info("run %s finished before it was killed; publishing", run["run_id"])
+            archive.publish(work_archive, out_path)
+            checkpoint_path.unlink(missing_ok=True)
+            return finished
+    state = _load_checkpoint(checkpoint_path, device, config_json, run["run_id"])
     start, elapsed_before, loss_value = 0, 0.0, math.nan
-    if checkpoint_path.exists() and work_archive.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["config_json"] != config_json:
-            raise RuntimeError(
-                f"{checkpoint_path} belongs to a different configuration of run "
-                f"{run['run_id']}; delete {work_dir} to start this run afresh."
-            )
+    writer = None
+    if state is not None and work_archive.exists():
+        try:
+            writer = archive.Writer(work_archive, keep=state["dumps"])
+        except archive.ArchiveError as error:
+            log.warning("cannot resume from %s: %s; starting afresh", work_dir, error)
+    if writer is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start, elapsed_before = state["iteration"], state["elapsed"]
         loss_value = state["loss"]
-        writer = archive.Writer(work_archive, keep=state["dumps"])
         log.info(
             "resuming %s at iteration %d (%d dumps kept)",
             run["run_id"],
@@ -177,6 +229,16 @@ def train_run(
             writer.count,
         )
     else:
+        checkpoint_path.unlink(missing_ok=True)
+        work_archive.unlink(missing_ok=True)
+        plan = plan_ntk(
+            model,
+            probe.x,
+            kind=run["ntk"]["kind"],
+            dtype=ntk_dtype,
+            implementation=run["ntk"]["implementation"],
+            memory_budget=run["ntk"]["memory_budget_mb"] * 2**20,
+        )
         archive.create(
             work_archive,
             kind=run["ntk"]["kind"],
@@ -199,6 +261,13 @@ def train_run(
                 python_version=platform.python_version(),
                 source=f"ntkcl {__version__}",
             ),
+            kernel_attrs=dict(
+                implementation=f"{plan.implementation} ({plan.reason})",
+                requested_implementation=run["ntk"]["implementation"],
+                compute_dtype=run["ntk"]["dtype"],
+                num_parameters=plan.num_parameters,
+                probe="probe examples sample_1 with themselves (sample_2)",
+            ),
         )
         writer = archive.Writer(work_archive)
     log.info(
@@ -216,7 +285,8 @@ def train_run(
         """The task of the update that produced the state after ``iteration``."""
         return max(k for k, s in enumerate(task_start) if s < iteration or k == 0)
 
-    def dump(iteration: int, loss: float) -> None:
+    def dump(iteration: int, loss: float) -> str:
+        """Compute and append one dump; a reason instead if it is not finite."""
         t0 = time.perf_counter()
         kernel = empirical_ntk(
             model,
@@ -233,6 +303,9 @@ def train_run(
             logits = model(probe.x)
             accuracy = [_accuracy(model, x, y) for x, y in heldout]
         model.train(was_training)
+        for name, values in (("NTK", kernel), ("probe logits", logits)):
+            if not torch.isfinite(values).all():
+                return f"the {name} became non-finite at iteration {iteration}"
         writer.append(
             iteration=iteration,
             active_task=task_of(iteration),
@@ -252,10 +325,11 @@ def train_run(
             "[" + ", ".join(f"{a:.3f}" for a in accuracy) + "]",
             seconds,
         )
+        return ""
 
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
-    status, reason, diverged_at = "complete", "", -1
+    reason, iteration = "", start
     bar = tqdm(
         total=total,
         initial=start,
@@ -265,9 +339,11 @@ def train_run(
     )
     try:
         if start == 0:
-            dump(0, math.nan)
+            reason = dump(0, math.nan)
         model.train()
-        for iteration in range(start + 1, total + 1):
+        while not reason and iteration < total:
+            iteration += 1
+
             # forward backward update on the current task's minibatch
             task = task_of(iteration)
             batch = samplers[task].sample().to(device)
@@ -278,39 +354,42 @@ def train_run(
             loss_value = loss.item()
             bar.update()
             if not math.isfinite(loss_value):
-                status, diverged_at = "diverged", iteration
                 reason = f"training loss became {loss_value} at iteration {iteration}"
-                log.error(
-                    "run %s diverged: %s (lr %.4g); the archive keeps the "
-                    "dumps so far and is marked diverged",
-                    run["run_id"],
-                    reason,
-                    lr,
-                )
                 break
 
-            # dump and checkpoint
-            if iteration in schedule:
-                dump(iteration, loss_value)
-                if time.monotonic() - last_checkpoint >= checkpoint_interval:
-                    _save_checkpoint(
-                        checkpoint_path,
-                        dict(
-                            model=model.state_dict(),
-                            optimizer=optimizer.state_dict(),
-                            generator=generator.get_state(),
-                            iteration=iteration,
-                            dumps=writer.count,
-                            loss=loss_value,
-                            elapsed=elapsed_before + time.perf_counter() - started,
-                            config_json=config_json,
-                        ),
-                    )
-                    last_checkpoint = time.monotonic()
+            # dump, then checkpoint: the checkpoint is never ahead of the archive
+            if iteration not in schedule:
+                continue
+            reason = dump(iteration, loss_value)
+            if not reason and time.monotonic() - last_checkpoint >= checkpoint_interval:
+                writer.sync()
+                _save_checkpoint(
+                    checkpoint_path,
+                    dict(
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        generator=generator.get_state(),
+                        iteration=iteration,
+                        dumps=writer.count,
+                        loss=loss_value,
+                        elapsed=elapsed_before + time.perf_counter() - started,
+                        config_json=config_json,
+                    ),
+                )
+                last_checkpoint = time.monotonic()
     finally:
         bar.close()
         writer.close()
 
+    status, diverged_at = ("diverged", iteration) if reason else ("complete", -1)
+    if reason:
+        log.error(
+            "run %s diverged: %s (lr %.4g); the archive keeps the dumps so far and "
+            "is marked diverged",
+            run["run_id"],
+            reason,
+            lr,
+        )
     archive.finish(work_archive, status, reason, diverged_at)
     archive.publish(work_archive, out_path)
     checkpoint_path.unlink(missing_ok=True)

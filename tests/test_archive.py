@@ -1,5 +1,8 @@
 """The kernel archive: netCDF-clean layout, SWMR appends, truncation, clear errors."""
 
+import os
+import signal
+
 import h5py
 import numpy as np
 import pytest
@@ -93,7 +96,7 @@ def test_open_archive_errors_name_file_and_problem(tmp_path):
         archive.open_archive(tmp_path / "nope.h5")
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
-    with pytest.raises(ArchiveError, match="junk.h5: cannot be read"):
+    with pytest.raises(ArchiveError, match="junk.h5: not an HDF5 file"):
         archive.open_archive(junk)
     newer = _make(tmp_path / "newer.h5")
     with h5py.File(newer, "r+") as f:
@@ -111,3 +114,86 @@ def test_publish_is_a_rename(tmp_path):
     out = tmp_path / "runs" / "x" / "a.h5"
     archive.publish(work, out)
     assert out.is_file() and not work.exists()
+
+
+def test_kernel_says_how_it_was_computed_and_steps_carry_coordinates(tmp_path):
+    path = _make(tmp_path / "a.h5", "diagonal")
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        assert {"active_task", "wall_time"} <= set(ds["ntk"].coords)
+        attrs = ds["ntk"].attrs
+        assert attrs["kind"] == "diagonal"
+        assert "ntk[s, i, j, a]" in attrs["definition"]
+        assert "empirical_ntk" in attrs["computed_with"]
+        assert attrs["units"] == "1" and attrs["long_name"]
+        assert list(ds.attrs["task_start"]) == [0, 20]
+        assert ds["ntk"].encoding["shuffle"] and ds["ntk"].encoding["fletcher32"]
+        assert ds["ntk"].encoding["chunksizes"] == (1, N, N, K)
+
+
+def _kill_writer_midway(path, whole_dumps):
+    """A child process writes whole dumps, half a dump, and dies by SIGKILL."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            writer = archive.Writer(_make(path, dumps=0))
+            for i in range(whole_dumps):
+                writer.append(**_dump(i))
+            for name in archive.STEP_VARIABLES[:3]:  # half a dump, on disk
+                writer._file[name].resize(whole_dumps + 1, axis=0)
+            writer._file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _dump(i):
+    return dict(
+        iteration=10 * i,
+        active_task=0,
+        wall_time=float(i),
+        train_loss=0.5,
+        accuracy=np.full(2, 0.5),
+        logits=np.zeros((N, K), np.float32),
+        ntk=np.eye(N) * (i + 1),
+    )
+
+
+def test_a_killed_writer_leaves_whole_dumps_that_open_and_resume(tmp_path):
+    path = tmp_path / "killed.h5"
+    _kill_writer_midway(path, whole_dumps=3)
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")  # what HDF5 alone says; open_archive reads it in SWMR
+    with archive.open_archive(path) as ds:
+        assert ds.attrs["status"] == "running"
+        assert list(ds["step"].values) == [0, 10, 20]  # not padded to 4 dumps
+        assert list(ds["active_task"].values) == [0, 0, 0]
+    writer = archive.Writer(path, keep=2)  # a checkpoint after 2 dumps
+    writer.append(**_dump(5))
+    writer.close()
+    archive.finish(path)
+    with archive.open_archive(path) as ds:
+        assert list(ds["step"].values) == [0, 10, 50]
+        assert float(ds["ntk"][2, 0, 0]) == 6.0
+        assert "truncated to 2 of 3 dump(s)" in ds.attrs["history"]
+        assert ds.attrs["run_id"] == "w8-fl-s0" and ds["ntk"].attrs["kind"] == "trace"
+
+
+def test_open_archive_names_each_kind_of_broken_file(tmp_path):
+    good = _make(tmp_path / "good.h5")
+    archive.finish(good)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ArchiveError, match="truncated.h5: truncated"):
+        archive.open_archive(truncated)
+    missing = _make(tmp_path / "missing.h5")
+    with h5py.File(missing, "r+") as f:
+        del f["accuracy"]
+    with pytest.raises(ArchiveError, match=r"missing.h5: missing variable\(s\) \['acc"):
+        archive.open_archive(missing)
+    extra = _make(tmp_path / "extra.h5")
+    with h5py.File(extra, "r+") as f:
+        f["notes"] = np.arange(3)
+    with pytest.raises(ArchiveError, match=r"unexpected variable\(s\) \['notes'\]"):
+        archive.open_archive(extra)
