@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -324,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as error:
         print(f"ntkcl {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader closed the pipe early (`ntkcl inspect --json | head`): not an
+        # error; point stdout at /dev/null so the interpreter's final flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
