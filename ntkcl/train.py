@@ -190,9 +190,12 @@ def train_run(
     task_start = [int(s) for s in np.cumsum([0, *iterations[:-1]])]
     total = sum(iterations)
     schedule = dump_schedule(iterations, run["ntk"]["every"])
-    ntk_dtype = {"float32": torch.float32, "float64": torch.float64}[
-        run["ntk"]["dtype"]
-    ]
+    ntk_options = dict(  # the same kernel for the recorded plan and every dump
+        kind=run["ntk"]["kind"],
+        dtype=getattr(torch, run["ntk"]["dtype"]),
+        implementation=run["ntk"]["implementation"],
+        memory_budget=run["ntk"]["memory_budget_mb"] * 2**20,
+    )
 
     # a killed attempt may have left: a finished archive not yet published, or an
     # archive with a checkpoint to resume from (the archive may hold more dumps
@@ -231,14 +234,7 @@ def train_run(
     else:
         checkpoint_path.unlink(missing_ok=True)
         work_archive.unlink(missing_ok=True)
-        plan = plan_ntk(
-            model,
-            probe.x,
-            kind=run["ntk"]["kind"],
-            dtype=ntk_dtype,
-            implementation=run["ntk"]["implementation"],
-            memory_budget=run["ntk"]["memory_budget_mb"] * 2**20,
-        )
+        plan = plan_ntk(model, probe.x, **ntk_options)
         archive.create(
             work_archive,
             kind=run["ntk"]["kind"],
@@ -288,14 +284,7 @@ def train_run(
     def dump(iteration: int, loss: float) -> str:
         """Compute and append one dump; a reason instead if it is not finite."""
         t0 = time.perf_counter()
-        kernel = empirical_ntk(
-            model,
-            probe.x,
-            kind=run["ntk"]["kind"],
-            dtype=ntk_dtype,
-            implementation=run["ntk"]["implementation"],
-            memory_budget=run["ntk"]["memory_budget_mb"] * 2**20,
-        )
+        kernel = empirical_ntk(model, probe.x, **ntk_options)
         seconds = time.perf_counter() - t0
         was_training = model.training
         model.eval()
