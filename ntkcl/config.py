@@ -11,7 +11,9 @@ resolved config is, merged in this order (later wins):
 5. the grid point (dotted keys such as ``model.width``) and the seed.
 
 At demo scale an experiment's ``demo.grid`` entries replace the grid entries of
-the same key, and ``demo.seeds`` replaces ``seeds``.
+the same key, and ``demo.seeds`` replaces ``seeds``; an experiment with
+``demo: false`` has no demo version and expands to no runs (it is absent from
+``expand_runs(config, "demo")``).
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def validate_config(config: dict, source: str = "config") -> None:
     if not problems:
         leaves = _leaf_paths(schema["$defs"]["run"], schema)
         for name, experiment in config["experiments"].items():
-            grids = [experiment.get("grid", {}), experiment.get("demo", {}).get("grid")]
+            demo = experiment.get("demo") or {}
+            grids = [experiment.get("grid", {}), demo.get("grid")]
             for grid in filter(None, grids):
                 for key in grid:
                     if key not in leaves:
@@ -152,6 +155,8 @@ def validate_config(config: dict, source: str = "config") -> None:
                             f"{key!r}; grid keys are dotted run settings, one of: "
                             f"{', '.join(sorted(leaves))} (seeds go in `seeds`)"
                         )
+        for name, experiment in config["experiments"].items():
+            problems += _figure_problems(name, experiment, source)
     if not problems:
         run_schema = dict(schema["$defs"]["run"], **{"$defs": schema["$defs"]})
         for scale in SCALES:
@@ -168,6 +173,23 @@ def validate_config(config: dict, source: str = "config") -> None:
 
 
 _RUN_META = ("run_id", "experiment", "params", "seed", "scale")
+DERIVED_COORDINATES = ("similarity",)
+"""Run coordinates that ``ntkcl.reduce.aggregate`` derives from the runs' configs."""
+
+
+def _figure_problems(name: str, experiment: dict, source: str) -> list[str]:
+    """``figure`` entries that name no dimension of the experiment's runs."""
+    demo = experiment.get("demo") or {}
+    keys = {**experiment.get("grid", {}), **demo.get("grid", {})}
+    dims = [param_name(key) for key in keys] + ["seed"]
+    figure = experiment.get("figure", {})
+    allowed = {"line": dims, "row": dims, "summary": dims + list(DERIVED_COORDINATES)}
+    return [
+        f"{source}.experiments.{name}.figure.{entry}: {figure[entry]!r} is not a "
+        f"run dimension of this experiment; use one of {allowed[entry]}"
+        for entry in ("line", "row", "summary")
+        if figure.get(entry) is not None and figure[entry] not in allowed[entry]
+    ]
 
 
 def param_name(key: str) -> str:
@@ -198,7 +220,8 @@ def expand_runs(config: dict, scale: str | None = None) -> dict[str, list[dict]]
     """Every experiment's runs as resolved run configs, in grid order.
 
     Returns:
-        ``{experiment: [run_config, ...]}``; each run config holds every setting
+        ``{experiment: [run_config, ...]}``, without the experiments that have
+        ``demo: false`` when ``scale`` is ``demo``; each run config holds every setting
         plus ``run_id``, ``experiment``, ``scale``, ``seed`` and ``params`` (the grid
         point keyed by dimension name, with the seed).
     """
@@ -213,6 +236,8 @@ def expand_runs(config: dict, scale: str | None = None) -> dict[str, list[dict]]
         seeds = experiment.get("seeds", [0])
         if scale == "demo":
             demo = experiment.get("demo", {})
+            if demo is False:  # no demo version: the experiment is left out
+                continue
             settings = deep_merge(settings, config.get("demo", {}))
             settings = deep_merge(settings, demo.get("overrides", {}))
             grid.update(demo.get("grid", {}))

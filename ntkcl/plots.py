@@ -193,13 +193,16 @@ def make_figure(
                 ax.set_xlabel("training iteration")
 
     notes = _run_notes(ds, line)
+    labels = _line_labels(ds, line)
     handles = [
-        Line2D([], [], color=colors[i], lw=2, label=_value_label(v) + notes[i])
-        for i, v in enumerate(line_values)
+        Line2D([], [], color=colors[i], lw=2, label=labels[i] + notes[i])
+        for i in range(len(line_values))
     ]
     switch = "task switch (in the line's colour)" if line_specific else "task switch"
     extra = [Line2D([], [], color=_SWITCH_COLOR, ls="--", label=switch)]
-    if seeds:
+    if seeds and n_seeds == 1:
+        extra.append(Line2D([], [], color="k", lw=1.5, label="line: one seed"))
+    elif seeds:
         extra.append(
             Line2D([], [], color="k", lw=1.5, label=f"line: mean over {n_seeds} seeds")
         )
@@ -380,13 +383,24 @@ def _colors(values: list) -> list:
 
 def _value_label(value) -> str:
     if isinstance(value, float | np.floating):
-        return f"{value:g}"
+        return f"{value:.3g}"
     return str(value)
 
 
 def _values(coord: xr.DataArray) -> list:
     """A coordinate's values as plain Python values (for readable messages)."""
     return [v.item() if isinstance(v, np.generic) else v for v in coord.values]
+
+
+def _line_labels(ds: xr.Dataset, line: str) -> list[str]:
+    """Legend labels of the line values, each followed by the values of the other
+    coordinates along ``line`` alone (e.g. ``2 (similarity 0.25)`` for ``shared``)."""
+    labels = [_value_label(v) for v in ds[line].values]
+    for name, coord in ds.coords.items():
+        if name != line and coord.dims == (line,):
+            for i, value in enumerate(coord.values):
+                labels[i] += f" ({name} {_value_label(value)})"
+    return labels
 
 
 def _row_title(dim: str, value) -> str:

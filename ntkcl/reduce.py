@@ -5,6 +5,13 @@ engine="h5netcdf")`` opens it, into a small Dataset of metrics along ``step``
 (and ``task``); it reads one kernel at a time, so archives larger than memory
 reduce fine. ``aggregate`` puts the reduced runs of one experiment on named run
 dimensions (width, regime, seed, ...) and ``write_netcdf`` saves atomically.
+
+Two run properties are derived for every run, so that experiments can be read
+against them: ``similarity``, the class similarity ``|C0 ∩ C1| / |C0 ∪ C1|`` of
+the first two tasks (read from the run's config; the class-overlap experiment's
+x axis), kept by ``aggregate`` as a coordinate when it differs between runs; and
+list-valued grid parameters (``tasks.iterations: [250, 2000]``), which become
+string coordinates written like the run ids (``250x2000``), in numeric order.
 The metric definitions live in :mod:`ntkcl.metrics`.
 """
 
@@ -195,7 +202,8 @@ def reduce_archive(ds: xr.Dataset) -> xr.Dataset:
         ``forgetting`` ``(step, task)``, each with ``long_name``, ``units`` and a
         ``comment`` giving its formula; attrs ``run_id``, ``experiment``,
         ``params_json``, ``task_start``, ``status``, ``diverged_iteration``,
-        ``kernel_kind``, ``reference_step``.
+        ``kernel_kind``, ``reference_step`` and ``similarity`` (of the first two
+        tasks' class sets; NaN when the run has one task or no ``tasks`` config).
     """
     kind = _kernel_kind(ds)
     missing = [
@@ -236,10 +244,49 @@ def reduce_archive(ds: xr.Dataset) -> xr.Dataset:
     attrs["task_start"] = [int(t) for t in np.atleast_1d(ds["task_start"].values)]
     attrs["kernel_kind"] = kind
     attrs["reference_step"] = int(steps[0]) if steps.size else -1
+    attrs["similarity"] = _first_switch_similarity(ds.attrs.get("config_json", "{}"))
     logger.info(
         "reduced run %s: %d dumps of a %s kernel", attrs["run_id"], steps.size, kind
     )
     return xr.Dataset(data_vars, coords, attrs)
+
+
+def _first_switch_similarity(config_json: str) -> float:
+    """Jaccard similarity of the first two tasks' class sets (NaN if undefined)."""
+    from ntkcl import tasks  # imports torch: only when reducing
+
+    tasks_cfg = json.loads(config_json or "{}").get("tasks")
+    if not tasks_cfg:
+        return float("nan")
+    sequence = tasks.build_tasks(tasks_cfg)
+    if len(sequence) < 2:
+        return float("nan")
+    return tasks.similarity(sequence[0], sequence[1])
+
+
+def _hashable(value):
+    """A parameter value usable as a key: lists (one value per task) become tuples."""
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _coordinate(level: list) -> np.ndarray:
+    """A dimension's sorted values as a coordinate; tuples as ``250x2000``."""
+    if not any(isinstance(v, tuple) for v in level):
+        return np.asarray(level)
+
+    def text(value):
+        if isinstance(value, tuple):
+            return "x".join(text(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return np.asarray([text(v) for v in level])
+
+
+def _long_name(dim: str, level: list) -> str:
+    """A run dimension's long name: the dim, "per task" for one value per task."""
+    return f"{dim} per task" if any(isinstance(v, tuple) for v in level) else dim
 
 
 def _run_key(run: xr.Dataset, dims: Sequence[str]) -> tuple:
@@ -250,7 +297,7 @@ def _run_key(run: xr.Dataset, dims: Sequence[str]) -> tuple:
             f"Run {run.attrs.get('run_id', '?')!r} has no parameter {absent} in "
             f"params_json {params}; aggregate only over parameters every run has."
         )
-    return tuple(params[dim] for dim in dims)
+    return tuple(_hashable(params[dim]) for dim in dims)
 
 
 def _run_grid(runs: list[xr.Dataset], dims: list[str]) -> tuple[list, list]:
@@ -290,8 +337,11 @@ def aggregate(
         ``active_task`` becomes a float coordinate ``(*dims, step)``. Per run:
         ``status`` (``"missing"`` where no run), ``diverged_iteration`` and
         ``run_id``; ``task_start`` ``(*dims, task)`` (NaN where absent). Run
-        coordinates are sorted. Attrs ``experiment``, ``run_dims``,
-        ``kernel_kind``, and ``task_start`` when all runs share it.
+        coordinates are sorted (a list-valued parameter, e.g. iterations per
+        task, becomes a string coordinate ``250x2000`` in numeric order). When
+        the runs' ``similarity`` attrs differ, a ``similarity`` coordinate over
+        the run dims it varies along (e.g. ``shared``). Attrs ``experiment``,
+        ``run_dims``, ``kernel_kind``, and ``task_start`` when all runs share it.
     """
     runs = list(datasets)
     if not runs:
@@ -360,9 +410,23 @@ def aggregate(
         ("task",), task_start, "first iteration of each task", "iteration"
     )
     coords = {
-        dim: (dim, np.asarray(level), {"long_name": dim})
+        dim: (dim, _coordinate(level), {"long_name": _long_name(dim, level)})
         for dim, level in zip(dims, levels, strict=True)
     }
+    similarity = np.full(run_shape, np.nan)
+    for key, run in zip(keys, runs, strict=True):
+        where = tuple(
+            level.index(value) for level, value in zip(levels, key, strict=True)
+        )
+        similarity[where] = float(run.attrs.get("similarity", np.nan))
+    if np.unique(similarity[np.isfinite(similarity)]).size > 1:
+        coords["similarity"] = _varying(similarity, dims) + (
+            {
+                "long_name": "class similarity of tasks 1 and 2",
+                "units": "1",
+                "comment": "|C0 ∩ C1| / |C0 ∪ C1| of the first two tasks' classes",
+            },
+        )
     coords["step"] = ("step", steps, dict(runs[0]["step"].attrs))
     coords["task"] = ("task", tasks, dict(runs[0]["task"].attrs))
     coords["active_task"] = (
@@ -377,6 +441,23 @@ def aggregate(
     if len(starts) == 1:
         attrs["task_start"] = [int(t) for t in starts.pop()]
     return xr.Dataset(data_vars, coords, attrs)
+
+
+def _varying(values: np.ndarray, dims: list[str]) -> tuple[tuple, np.ndarray]:
+    """``(dims, values)`` without the dims along which ``values`` is constant.
+
+    NaN entries (grid points without a run) count as equal to anything.
+    """
+    keep = list(dims)
+    for axis in reversed(range(values.ndim)):
+        finite = np.isfinite(values)
+        low = np.where(finite, values, np.inf).min(axis=axis)
+        high = np.where(finite, values, -np.inf).max(axis=axis)
+        some = finite.any(axis=axis)
+        if np.all(~some | (low == high)):
+            values = np.where(some, low, np.nan)
+            keep.pop(axis)
+    return tuple(keep), values
 
 
 def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:

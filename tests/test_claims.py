@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from ntkcl import claims
+from ntkcl import claims, config
 
 EVERY, TASK = 10, 100
 
@@ -85,8 +85,9 @@ def test_claims_fail_on_a_flat_set():
 def test_spike_ratio_and_eigenvalue_numbers_by_hand():
     measures = claims.switch_measures(aggregated(spikes=(4.0,), drop=0.5))
     at = measures.isel(width=0, regime=0, seed=0).sel(switch=1)
-    # the peak is the first dump after the switch (iteration 101): 1 + 4 e^{-1/10}
-    assert at["spike_ratio"].item() == pytest.approx(1 + 4 * np.exp(-0.1))
+    # the peak is the first dump after the switch over a full gap (iteration 110,
+    # not 101, one iteration after the switch): 1 + 4 e^{-10/10}
+    assert at["spike_ratio"].item() == pytest.approx(1 + 4 * np.exp(-1))
     assert at["baseline_velocity"].item() == pytest.approx(1e-3)
     assert at["eigenvalue_drop"].item() == pytest.approx(0.5 * np.exp(-1 / 30))
     # recovered by iteration 200: 1 - e^{-100/30} of the dip (the dip is e^{-1/30})
@@ -96,14 +97,27 @@ def test_spike_ratio_and_eigenvalue_numbers_by_hand():
 
 
 def test_thresholds_come_from_one_place():
-    df = claims.check_claims(aggregated(spikes=(4.0,)), claims=["C1"])
+    df = claims.check_claims(aggregated(spikes=(8.0,)), claims=["C1"])
     assert (df["threshold"] == claims.THRESHOLDS.min_spike_ratio).all()
-    assert df["holds"].all()  # 1 + 4 e^{-0.1} = 4.62 >= 3
+    assert df["holds"].all()  # 1 + 8 e^{-1} = 3.94 >= 3
     strict = dataclasses.replace(claims.THRESHOLDS, min_spike_ratio=5.0)
-    df = claims.check_claims(aggregated(spikes=(4.0,)), ["C1"], strict)
+    df = claims.check_claims(aggregated(spikes=(8.0,)), ["C1"], strict)
     assert (df["threshold"] == 5.0).all() and not df["holds"].any()
     with pytest.raises(dataclasses.FrozenInstanceError):
         claims.THRESHOLDS.min_spike_ratio = 1.0
+
+
+def test_velocity_over_one_iteration_is_left_out_of_the_spike():
+    """Over one SGD step the kernel moves back and forth: the per-iteration
+    velocity right after the switch (iteration 101) is high even without a shift."""
+    ds = aggregated(spikes=(0.0,), run={"alpha": [0.0], "seed": [0]})
+    ds["velocity"].loc[{"step": 101}] = 30e-3  # 30 times the 10-iteration velocity
+    at = claims.switch_measures(ds).sel(switch=1).isel(alpha=0, seed=0)
+    assert at["spike_ratio"].item() == pytest.approx(1.0)
+    assert claims.check_claims(ds)["holds"].all()  # C7: no spike
+    keep = dataclasses.replace(claims.THRESHOLDS, velocity_min_gap=0.0)
+    at = claims.switch_measures(ds, keep).sel(switch=1).isel(alpha=0, seed=0)
+    assert at["spike_ratio"].item() == pytest.approx(30.0)
 
 
 def test_c2_compares_regimes_on_the_seed_mean():
@@ -150,6 +164,35 @@ def test_frequency_and_overlap_experiments():
     c6 = df[df["claim"] == "C6"]
     assert len(c6) == 2 and c6.iloc[0]["value"] == pytest.approx(-1.0)
     assert c6.iloc[0]["holds"]
+
+
+EXPECTED_CLAIMS = {
+    "width_regime": ["C1", "C3", "C2"],
+    "width_regime_cnn": ["C1", "C3", "C2"],
+    "class_overlap": ["C1", "C3", "C6"],
+    "class_frequency": ["C7"],
+    "learning_rate": ["C1", "C3"],
+    "training_duration": ["C1", "C3"],
+    "multitask_cifar10": ["C1", "C3", "C2", "C11"],
+    "multitask_cifar100": ["C1", "C3", "C2", "C11"],
+    "imagenet100": ["C1", "C3", "C2"],
+}
+
+
+def test_every_configured_experiment_gets_the_claims_that_apply(repo):
+    """The claims picked from each experiment's run dims and number of tasks."""
+    cfg = config.load_config(repo / "config.yaml")
+    assert set(cfg["experiments"]) == set(EXPECTED_CLAIMS)
+    for name, runs in config.expand_runs(cfg, "paper").items():
+        dims = {}  # as reduce.aggregate lays them out: lists read 250x2000
+        for dim in runs[0]["params"]:
+            values = [run["params"][dim] for run in runs]
+            values = [
+                "x".join(map(str, v)) if isinstance(v, list) else v for v in values
+            ]
+            dims[dim] = list(dict.fromkeys(values))
+        ds = aggregated(run=dims, n_tasks=len(runs[0]["tasks"]["classes"]))
+        assert claims.default_claims(ds) == EXPECTED_CLAIMS[name], name
 
 
 def test_a_new_claim_plugs_in(monkeypatch):

@@ -72,6 +72,14 @@ def test_merge_order(cfg):
             ["run width_regime/w64-fast-s0", "regime", "'fast' is not one of"],
         ),
         (lambda c: c.update(scale="huge"), ["config.scale", "'huge' is not one of"]),
+        (
+            lambda c: c["experiments"]["width_regime"]["figure"].update(line="depth"),
+            ["experiments.width_regime.figure.line", "'depth' is not a run dim"],
+        ),
+        (
+            lambda c: c["experiments"]["class_overlap"]["figure"].update(summary="k"),
+            ["class_overlap.figure.summary", "'shared', 'seed', 'similarity'"],
+        ),
     ],
 )
 def test_bad_config_names_the_key_and_allowed_values(cfg, edit, expected):
@@ -95,3 +103,81 @@ def test_run_id_formatting():
 def test_find_run_errors_name_the_alternatives(cfg):
     with pytest.raises(ConfigError, match="its runs are"):
         config.find_run(cfg, "demo", "width_regime", "w3-fl-s0")
+
+
+EXPERIMENTS = {
+    # name: (dims of its runs, runs at paper scale)
+    "width_regime": (["width", "regime", "seed"], 36),
+    "width_regime_cnn": (["width", "regime", "seed"], 24),
+    "class_overlap": (["shared", "seed"], 18),
+    "class_frequency": (["alpha", "seed"], 15),
+    "learning_rate": (["lr", "seed"], 9),
+    "training_duration": (["iterations", "seed"], 15),
+    "multitask_cifar10": (["regime", "seed"], 6),
+    "multitask_cifar100": (["regime", "seed"], 6),
+    "imagenet100": (["width", "regime", "seed"], 24),
+}
+NO_DEMO = {"multitask_cifar100", "imagenet100"}
+
+
+def test_every_experiment_expands_at_both_scales(cfg):
+    assert set(cfg["experiments"]) == set(EXPERIMENTS)
+    paper, demo = (config.expand_runs(cfg, scale) for scale in config.SCALES)
+    assert set(paper) == set(EXPERIMENTS)
+    assert set(demo) == set(EXPERIMENTS) - NO_DEMO
+    for name, (dims, count) in EXPERIMENTS.items():
+        assert len(paper[name]) == count, name
+        assert list(paper[name][0]["params"]) == dims, name
+        if name in demo:
+            assert 1 <= len(demo[name]) <= 12, name
+            assert list(demo[name][0]["params"]) == dims, name
+            assert {run["data"]["name"] for run in demo[name]} == {"digits"}, name
+    assert len(sum(demo.values(), [])) <= 40  # the demo stays minutes on 2 cores
+
+
+def test_experiment_settings_and_readable_ids(cfg):
+    paper = config.expand_runs(cfg, "paper")
+    overlap = {r["run_id"]: r for r in paper["class_overlap"]}
+    assert overlap["k3-s1"]["tasks"]["scheme"] == "overlap"
+    assert overlap["k3-s1"]["tasks"]["shared"] == 3
+    frequency = {r["run_id"]: r for r in paper["class_frequency"]}
+    assert frequency["a0.25-s0"]["tasks"]["alpha"] == 0.25
+    duration = {r["run_id"]: r for r in paper["training_duration"]}
+    assert duration["it250x2000-s0"]["tasks"]["iterations"] == [250, 2000]
+    assert duration["it250x2000-s0"]["params"]["iterations"] == [250, 2000]
+    cnn = paper["width_regime_cnn"][0]
+    assert cnn["run_id"] == "w64-fl-s0" and cnn["model"]["arch"] == "cnn"
+    lr = [r["run_id"] for r in paper["learning_rate"]]
+    assert lr[:2] == ["lr0.01-s0", "lr0.01-s1"]
+
+    cifar100 = paper["multitask_cifar100"][0]
+    assert cifar100["data"]["name"] == "CIFAR100"
+    assert cifar100["tasks"]["classes"] == [
+        list(range(10 * k, 10 * k + 10)) for k in range(10)
+    ]
+    cifar10 = config.expand_runs(cfg, "demo")["multitask_cifar10"][0]
+    assert cifar10["tasks"]["classes"] == [[2 * k, 2 * k + 1] for k in range(5)]
+
+    imagenet = paper["imagenet100"][0]
+    assert imagenet["data"]["name"] == "ImageFolder"
+    assert imagenet["data"]["image_size"] == 32
+    assert imagenet["tasks"]["classes"] == [list(range(50)), list(range(50, 100))]
+    class_list = REPO / imagenet["data"]["class_list"]
+    names = [
+        line
+        for line in class_list.read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(names) == len(set(names)) == 100
+    assert all(name.startswith("n") and len(name) == 9 for name in names)
+
+
+def test_an_experiment_can_opt_out_of_the_demo(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["experiments"]["learning_rate"]["demo"] = False
+    config.validate_config(cfg)
+    assert "learning_rate" not in config.expand_runs(cfg, "demo")
+    assert "learning_rate" in config.expand_runs(cfg, "paper")
+    cfg["experiments"]["learning_rate"]["demo"] = True
+    with pytest.raises(ConfigError, match="experiments.learning_rate.demo"):
+        config.validate_config(cfg)

@@ -159,3 +159,18 @@ def test_switches_drawn_per_line_when_they_differ():
     assert sorted(ln.get_xdata()[0] for ln in vertical) == [60, 100]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "task switch (in the line's colour)" in legend
+
+
+def test_legend_shows_coordinates_along_the_line_dimension():
+    ds = aggregated(extra={"shared": [0, 3]}).sel(regime="fl", width=64)
+    ds = ds.assign_coords(similarity=("shared", [0.0, 3 / 7]))
+    fig = plots.make_figure(ds, line="shared")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "0 (similarity 0)" in legend and "3 (similarity 0.429)" in legend
+
+
+def test_one_seed_is_said_and_gets_no_band():
+    fig = plots.make_figure(aggregated().isel(seed=[0]), line="width", row="regime")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "line: one seed" in legend
+    assert not any(text.startswith("band") for text in legend)

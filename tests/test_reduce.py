@@ -262,3 +262,40 @@ def test_aggregate_rejects_ambiguous_runs():
         reduce.aggregate(reduced_runs(), ["width", "lr"])
     with pytest.raises(ValueError, match="no datasets"):
         reduce.aggregate([], ["width"])
+
+
+def overlap_run(shared, seed):
+    """A reduced run of a class-overlap experiment with ``shared`` classes."""
+    archive = make_archive("trace", params={"shared": shared, "seed": seed})
+    tasks = {"scheme": "overlap", "classes": [[0, 1, 2], [3, 4, 5]], "shared": shared}
+    tasks["iterations"] = 10
+    archive.attrs["config_json"] = json.dumps({"tasks": tasks})
+    return reduce.reduce_archive(archive)
+
+
+def test_similarity_becomes_a_coordinate_along_the_dims_it_varies_with():
+    runs = [overlap_run(k, s) for k in (0, 1, 3) for s in (0, 1)]
+    assert runs[2].attrs["similarity"] == pytest.approx(1 / 5)
+    combined = reduce.aggregate(runs[:-1])  # (shared=3, seed=1) has no run
+    assert combined["similarity"].dims == ("shared",)
+    np.testing.assert_allclose(combined["similarity"], [0.0, 0.2, 1.0])
+    assert combined["similarity"].attrs["units"] == "1"
+
+    # a property every run shares adds nothing; a run without tasks gives NaN
+    assert "similarity" not in reduce.aggregate(runs[:2]).coords
+    assert math.isnan(reduced_runs()[0].attrs["similarity"])
+
+
+def test_list_valued_parameters_become_readable_coordinates_in_order():
+    runs = [
+        reduce.reduce_archive(
+            make_archive("trace", params={"iterations": its, "seed": 0})
+        )
+        for its in ([1000, 20], [250, 20], [500, 20])
+    ]
+    combined = reduce.aggregate(runs)
+    assert list(combined["iterations"].values) == ["250x20", "500x20", "1000x20"]
+    assert combined["iterations"].attrs["long_name"] == "iterations per task"
+    np.testing.assert_allclose(
+        combined["alignment"].sel(iterations="1000x20", seed=0), runs[0]["alignment"]
+    )

@@ -67,19 +67,85 @@ def run_dims(wildcards):
     return list(experiment_runs(wildcards)[0]["params"])
 
 
+def figure_settings(experiment):
+    return config["experiments"][experiment].get("figure", {})
+
+
 def figure_layout(wildcards):
-    figure = config["experiments"][wildcards.experiment].get("figure", {})
+    figure = figure_settings(wildcards.experiment)
     dims = [d for d in run_dims(wildcards) if d != "seed"]
-    line = figure.get("line") or (dims[0] if dims else None)
+    line = figure.get("line") or (dims[0] if dims else "seed")
     row = figure.get("row")
     if row is None and len(dims) > 1:
         row = next(d for d in dims if d != line)
     return {"line": line, "row": row}
 
 
-def final_outputs():
+def experiment_description(wildcards):
+    experiment = config["experiments"][wildcards.experiment]
+    return experiment.get("description", wildcards.experiment)
+
+
+def seeds_phrase(wildcards):
+    seeds = {run["seed"] for run in experiment_runs(wildcards)}
+    if len(seeds) == 1:
+        return "one seed"
+    return f"mean over {len(seeds)} seeds with a min-max band"
+
+
+def figure_caption(wildcards):
+    """The one-sentence report caption of an experiment's figure."""
+    layout = figure_layout(wildcards)
+    rows = f" and one row per {layout['row']}" if layout["row"] else ""
+    return (
+        "top eigenvalue, distance from initialisation, kernel-label alignment and "
+        "velocity of the first task's empirical NTK against training iteration, "
+        f"one line per {layout['line']}{rows}, {seeds_phrase(wildcards)}, every "
+        "task switch dashed."
+    )
+
+
+def summary_x(wildcards):
+    return figure_settings(wildcards.experiment)["summary"]
+
+
+def summary_caption(wildcards):
+    """The one-sentence report caption of an experiment's switch summary."""
+    return (
+        "at the first task switch, the peak kernel velocity, its ratio to the "
+        "median velocity before the switch and the relative drop of the top "
+        f"eigenvalue against {summary_x(wildcards)}, one marker per run and a line "
+        "through the seed means."
+    )
+
+
+def has_summary(experiment):
+    return bool(figure_settings(experiment).get("summary"))
+
+
+def scale_experiments(wildcards):
+    """The experiments run at the wildcard's scale (demo leaves some out)."""
+    return list(RUNS[wildcards.scale])
+
+
+def experiment_claims(wildcards):
     return [
-        f"results/{SCALE}/{kind}/{experiment}.{ext}"
-        for experiment in RUNS[SCALE]
-        for kind, ext in [("figures", "pdf"), ("figures", "png"), ("claims", "csv")]
+        f"results/{wildcards.scale}/claims/{experiment}.csv"
+        for experiment in scale_experiments(wildcards)
     ]
+
+
+def final_outputs():
+    outputs = []
+    for experiment in RUNS[SCALE]:
+        outputs += [
+            f"results/{SCALE}/figures/{experiment}.pdf",
+            f"results/{SCALE}/figures/{experiment}.png",
+            f"results/{SCALE}/claims/{experiment}.csv",
+        ]
+        if has_summary(experiment):
+            outputs += [
+                f"results/{SCALE}/figures/{experiment}-summary.pdf",
+                f"results/{SCALE}/figures/{experiment}-summary.png",
+            ]
+    return outputs + [f"results/{SCALE}/claims.csv"]

@@ -8,7 +8,7 @@ rule plot:
             "results/{scale}/figures/{experiment}.png",
             caption="../report/figure.rst",
             category="Figures",
-            labels={"experiment": "{experiment}"},
+            labels={"experiment": "{experiment}", "figure": "metrics"},
         ),
     log:
         "results/{scale}/logs/plot/{experiment}.log",
@@ -17,8 +17,34 @@ rule plot:
         "../../envs/ntkcl.yaml"
     params:
         layout=figure_layout,
-        description=lambda wildcards: config["experiments"][wildcards.experiment].get(
-            "description", wildcards.experiment
+        description=experiment_description,
+        caption=figure_caption,
+    script:
+        "../scripts/ntkcl_rule.py"
+
+
+# The class-overlap and class-frequency experiments' second figure: what happens
+# at the switch (peak velocity, spike ratio, eigenvalue drop) against the
+# similarity or alpha, for experiments whose config names `figure.summary`.
+rule summary:
+    input:
+        "results/{scale}/metrics/{experiment}.nc",
+    output:
+        pdf="results/{scale}/figures/{experiment}-summary.pdf",
+        png=report(
+            "results/{scale}/figures/{experiment}-summary.png",
+            caption="../report/summary.rst",
+            category="Figures",
+            labels={"experiment": "{experiment}", "figure": "switch summary"},
         ),
+    log:
+        "results/{scale}/logs/summary/{experiment}.log",
+    localrule: True
+    conda:
+        "../../envs/ntkcl.yaml"
+    params:
+        x=summary_x,
+        description=experiment_description,
+        caption=summary_caption,
     script:
         "../scripts/ntkcl_rule.py"

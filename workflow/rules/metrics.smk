@@ -47,3 +47,26 @@ rule claims:
         "../../envs/ntkcl.yaml"
     script:
         "../scripts/ntkcl_rule.py"
+
+
+# Every experiment's claims in one table: per experiment and claim, the checks
+# made, how many hold, and the range of the measured values.
+rule claims_table:
+    input:
+        experiment_claims,
+    output:
+        report(
+            "results/{scale}/claims.csv",
+            caption="../report/claims_table.rst",
+            category="Claims",
+            labels={"experiment": "all experiments"},
+        ),
+    log:
+        "results/{scale}/logs/claims_table.log",
+    localrule: True
+    conda:
+        "../../envs/ntkcl.yaml"
+    params:
+        experiments=scale_experiments,
+    script:
+        "../scripts/ntkcl_rule.py"
