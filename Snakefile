@@ -1,6 +1,7 @@
 # ntkcl: empirical NTK dynamics under task shifts.
 #
-#   snakemake --cores 2 --config scale=demo    the demo on the bundled digits data (CPU)
+#   snakemake --cores 2 --config scale=demo    the demo on the bundled digits data (CPU;
+#                                              experiments with `demo: false` left out)
 #   snakemake --cores all                      the paper-scale suite (GPUs; see README)
 #
 # Results tree (<scale> is `paper` or `demo`):
@@ -13,7 +14,12 @@
 #   results/<scale>/metrics/<experiment>/<run>.nc    metrics per dump (reduce)
 #   results/<scale>/metrics/<experiment>.nc          runs combined on named dims (aggregate)
 #   results/<scale>/figures/<experiment>.{pdf,png}   the experiment's figure (plot)
+#   results/<scale>/figures/<experiment>-summary.{pdf,png}
+#                                                    switch measures against the
+#                                                    similarity or alpha (summary)
 #   results/<scale>/claims/<experiment>.csv          the paper's claims, measured (claims)
+#   results/<scale>/claims.csv                       every experiment's claims in one
+#                                                    table (claims_table)
 #   results/<scale>/logs/<rule>/...                  one log per job
 #   results/<scale>/benchmarks/train/...             time and memory of each train job
 #
@@ -32,6 +38,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/metrics.smk"

@@ -13,8 +13,14 @@ rule train:
     conda:
         "../../envs/ntkcl.yaml"
     threads: 1
+    # Portable requests estimated from the run (workflow/rules/resources.smk), times
+    # the attempt on each retry; a GPU only for `device: cuda` runs. Site-specific
+    # values (partition, account, ...) go in the SLURM profile, never here.
     resources:
-        mem_mb=lambda wildcards, attempt: 2048 * attempt,
+        runtime=train_runtime,
+        mem_mb=train_mem_mb,
+        gpu=train_gpus,
+        cpus_per_gpu=train_cpus_per_gpu,
     params:
         run=find_run,
         work_dir=lambda wildcards: (
