@@ -95,6 +95,11 @@ def structured_refusal(reason: str) -> str:
     )
 
 
+# the fixed cost of one call that computes factors (Python, autograd, small
+# kernels), in flops at a typical CPU rate: about 1 ms
+CALL_FLOPS = 1e8
+
+
 def _fit(ok, high: int) -> int:
     """Largest b in [1, high] with ok(b) (ok monotone decreasing), or 0."""
     if high < 1 or not ok(1):
@@ -110,26 +115,32 @@ def _pair_elems(kind: str, b1: int, b2: int, k: int) -> int:
     return b1 * b2 * {"full": k * k, "diagonal": k, "trace": 1}[kind]
 
 
-def _blocking(p, group, n1, n2, num_logits, kind, symmetric, budget) -> Blocking | None:
-    """Block sizes that keep the working set of ``p`` within ``budget`` elements."""
+def _cached_blocking(p, group, n1, n2, num_logits, kind, symmetric, budget):
+    """Every example's factors held once and contracted in row blocks, or None."""
     n_max = n1 if symmetric else max(n1, n2)
     held = p.factor_elems(n1 + (0 if symmetric else n2), num_logits, group)
-    if 2 * held <= budget:
-        # cached: every example's factors once, contracted in row blocks
-        room = budget - held
-        k = num_logits
-        b = _fit(lambda b: p.work_elems(b, k, group) <= room, n_max)
-        if b == 0:
-            k = _fit(lambda k: p.work_elems(1, k, group) <= room, num_logits)
-            b = int(k > 0)
-        rows = _fit(lambda r: 2 * _pair_elems(kind, r, n2, num_logits) <= room, n1)
-        if b and rows:
-            if symmetric:  # a few row blocks let the upper triangle be skipped
-                rows = min(rows, max(128, math.ceil(n1 / 4)))
-            return Blocking(b, k, True, rows)
+    room = budget - held
+    if room <= 0:
+        return None
+    k = num_logits
+    b = _fit(lambda b: p.work_elems(b, k, group) <= room, n_max)
+    if b == 0:
+        k = _fit(lambda k: p.work_elems(1, k, group) <= room, num_logits)
+        b = int(k > 0)
+    rows = _fit(lambda r: 2 * _pair_elems(kind, r, n2, num_logits) <= room, n1)
+    if not (b and rows):
+        return None
+    if symmetric:  # row blocks let most of the lower triangle be skipped
+        rows = min(rows, max(64, math.ceil(n1 / 8)))
+    return Blocking(b, k, True, rows)
+
+
+def _streamed_blocking(p, group, n1, n2, num_logits, kind, symmetric, budget):
+    """One row block's factors held, column blocks recomputed, or None."""
+    n_max = n1 if symmetric else max(n1, n2)
     k = num_logits
     while True:
-        # streamed: one row block held, column blocks recomputed
+
         def ok(b, k=k):
             held = 2 * p.factor_elems(b, k, group) + 2 * _pair_elems(kind, b, b, k)
             return held + p.work_elems(b, k, group) <= budget
@@ -140,6 +151,21 @@ def _blocking(p, group, n1, n2, num_logits, kind, symmetric, budget) -> Blocking
         if k == 1:
             return None
         k = math.ceil(k / 2)
+
+
+def _blocking(p, group, n1, n2, num_logits, kind, symmetric, budget) -> Blocking | None:
+    """The cheaper of the cached and streamed blockings that keep the working set
+    of ``p`` within ``budget`` elements (None when neither does)."""
+    dims = (n1, n2, num_logits, kind, symmetric)
+    options = [
+        blk
+        for blk in (
+            _cached_blocking(p, group, *dims, budget),
+            _streamed_blocking(p, group, *dims, budget),
+        )
+        if blk is not None
+    ]
+    return min(options, key=lambda blk: _flops(p, blk, *dims), default=None)
 
 
 def _peak_elems(p, group, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> int:
@@ -171,15 +197,21 @@ def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
         return examples * (passes * fwd + logits * per_logit)
 
     if blk.cached:
-        compute = cost(n1 + (0 if symmetric else n2), logit_blocks, num_logits)
+        examples = n1 + (0 if symmetric else n2)
+        compute = cost(examples, logit_blocks, num_logits)
+        calls = math.ceil(examples / blk.examples) * logit_blocks
     else:
         compute = cost(n1, logit_blocks, num_logits)
         units = math.ceil(n1 / blk.examples) * logit_blocks
         cols = n2 * share
+        col_calls = math.ceil(cols / blk.examples)
         if kind == "full":
             compute += units * cost(cols, logit_blocks, num_logits)
+            col_calls *= logit_blocks
         else:
             compute += units * cost(cols, 1, blk.logits)
+        calls = units * (1 + col_calls)
+    compute += calls * CALL_FLOPS
     return gram + max(1, len(p.groups)) * compute
 
 

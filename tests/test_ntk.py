@@ -430,6 +430,19 @@ def test_small_budgets_give_the_same_kernel(name, path, caplog):
     assert {(True, True, False), (False, True, True)} <= seen
 
 
+def test_factors_that_fill_most_of_the_budget_are_still_cached():
+    # 256 probes of a 64-channel CNN on 3x32x32 inputs: the per-example gradients
+    # of all examples (about 780 MB) fit the default 1 GiB budget only with little
+    # room to spare; recomputing them for every row block would cost 3x more
+    from ntkcl.models import cnn
+
+    torch.manual_seed(0)
+    net = cnn((3, 32, 32), 10, width=64, depth=3)
+    plan = plan_ntk(net, torch.randn(256, 3, 32, 32), kind="full")
+    assert plan.cached
+    assert plan.estimated_peak_bytes <= 2**30
+
+
 def test_width_2048_mlp_full_kernel_plan_fits_in_4_gb():
     # planning only (no computation): 3072 inputs, depth 3, 100 probes, float32
     torch.manual_seed(0)
