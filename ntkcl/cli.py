@@ -150,7 +150,11 @@ def run_rule(smk) -> None:
     steps = {
         "prepare_data": lambda: prepare(smk.params.data, smk.output[0]),
         "train": lambda: train(
-            smk.params.run, smk.input.data, smk.output.archive, smk.params.work_dir
+            smk.params.run,
+            smk.input.data,
+            smk.output.archive,
+            smk.params.work_dir,
+            smk.params.checkpoint_seconds,
         ),
         "reduce": lambda: reduce(smk.input.archive, smk.output[0]),
         "aggregate": lambda: aggregate(list(smk.input), smk.params.dims, smk.output[0]),

@@ -88,6 +88,14 @@ def run_defaults(schema: dict | None = None) -> dict:
     return _schema_defaults(schema["$defs"]["run"], schema)
 
 
+def workflow_setting(config: dict, key: str) -> Any:
+    """A top-level setting of ``config`` (e.g. ``checkpoint_seconds``), or the
+    default its schema entry declares."""
+    if key in config:
+        return config[key]
+    return copy.deepcopy(load_schema()["properties"][key].get("default"))
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """``base`` with ``override`` merged in: nested dicts merge, others replace."""
     out = copy.deepcopy(base)

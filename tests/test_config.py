@@ -73,6 +73,10 @@ def test_merge_order(cfg):
         ),
         (lambda c: c.update(scale="huge"), ["config.scale", "'huge' is not one of"]),
         (
+            lambda c: c.update(checkpoint_seconds=-1),
+            ["config.checkpoint_seconds", "-1 is less than the minimum of 0"],
+        ),
+        (
             lambda c: c["experiments"]["width_regime"]["figure"].update(line="depth"),
             ["experiments.width_regime.figure.line", "'depth' is not a run dim"],
         ),
@@ -89,6 +93,17 @@ def test_bad_config_names_the_key_and_allowed_values(cfg, edit, expected):
         config.validate_config(cfg)
     for fragment in expected:
         assert fragment in str(error.value)
+
+
+def test_workflow_settings_fall_back_to_the_schema_default(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg.pop("checkpoint_seconds", None)
+    assert config.workflow_setting(cfg, "checkpoint_seconds") == 60
+    assert (
+        config.workflow_setting({**cfg, "checkpoint_seconds": 5}, "checkpoint_seconds")
+        == 5
+    )
+    assert config.workflow_setting({}, "scale") == "paper"
 
 
 def test_run_id_formatting():

@@ -65,12 +65,14 @@ TINY = {
     },
 }
 
-# One run that trains for about 2 minutes on one core of a 2-core CI machine, long
-# enough to pass the train rule's first checkpoint (60 s, the rule's default
-# interval) and be cancelled well before its end. 802 dumps.
+# One run that trains for 30 s to 2 minutes on one core of a 2-core CI machine,
+# long enough to pass its first checkpoint (every 2 s here) and be cancelled well
+# before its end. 802 dumps.
 LONG_ITERATIONS = [4000, 4000]
 LONG = {
     "scale": "demo",
+    # checkpoint every 2 s: the first one comes well before the run ends
+    "checkpoint_seconds": 2,
     "demo": {
         "device": "cpu",
         "data": {"name": "digits"},

@@ -15,7 +15,7 @@ try:
 except ntkcl_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
-SCALE = config.get("scale", "paper")
+SCALE = ntkcl_config.workflow_setting(config, "scale")
 RUNS = {scale: ntkcl_config.expand_runs(config, scale) for scale in ntkcl_config.SCALES}
 
 
