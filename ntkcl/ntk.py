@@ -217,6 +217,14 @@ def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
     model_dtype, device = _model_dtype_device(model, x1)
     compute_dtype = dtype or model_dtype
     modes = [(m, m.training) for m in model.modules()]
+    # torch.func's functional_call can leave its own tensors in a module that is
+    # registered under two names (self.b = self.a); put the originals back
+    slots = [
+        (store, name, tensor)
+        for m in model.modules(remove_duplicate=False)
+        for store in (m._parameters, m._buffers)
+        for name, tensor in store.items()
+    ]
     try:
         with torch.inference_mode(False), torch.enable_grad():
             model.eval()
@@ -228,6 +236,9 @@ def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
     finally:
         for m, training in modes:
             m.training = training
+        for store, name, tensor in slots:
+            if store.get(name) is not tensor:
+                store[name] = tensor
 
 
 def _run(provider, blocking: Blocking, x1, x2, kind: str, plan: NTKPlan) -> Tensor:

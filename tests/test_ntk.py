@@ -232,6 +232,19 @@ class TiedNet(nn.Module):
         return self.out(h)
 
 
+class SharedModuleNet(nn.Module):
+    """One Linear module registered under two names (``self.b = self.a``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = self.a
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
 class FunctionalUseNet(nn.Module):
     """Uses a Linear layer's weight outside the layer's own call."""
 
@@ -265,6 +278,7 @@ UNSUPPORTED = {
         "in place",
     ),
     "functional-use": (FunctionalUseNet, "more than once"),
+    "module-registered-twice": (SharedModuleNet, "shared module"),
     "conv1d": (
         lambda: nn.Sequential(
             nn.Unflatten(1, (1, 5)),
@@ -289,6 +303,21 @@ def test_unsupported_networks_fall_back_and_stay_exact(name):
     with pytest.raises(ValueError, match="cannot compute this network exactly"):
         empirical_ntk(net, x1, kind="trace", implementation="structured")
     assert_close(empirical_ntk(net, x1, x2, kind="full"), reference(net, x1, x2))
+
+
+@pytest.mark.parametrize("path", ["auto", "jacobian"])
+def test_a_module_registered_twice_keeps_its_parameters(path):
+    torch.manual_seed(0)
+    net = SharedModuleNet().double()
+    before = dict(net.named_parameters(remove_duplicate=False))
+    x = inputs("mlp", 4, 1)
+    first = empirical_ntk(net, x, kind="full", implementation=path)
+    after = dict(net.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+    assert all(type(p) is nn.Parameter for p in net.parameters())
+    # a second call sees the same model
+    assert_close(empirical_ntk(net, x, kind="full", implementation=path), first, 0)
 
 
 class BatchDependent(nn.Module):
