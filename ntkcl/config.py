@@ -19,6 +19,7 @@ the same key, and ``demo.seeds`` replaces ``seeds``; an experiment with
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import json
 from pathlib import Path
@@ -275,14 +276,28 @@ def expand_runs(config: dict, scale: str | None = None) -> dict[str, list[dict]]
     return runs
 
 
+def unknown_experiment(config: dict, scale: str, experiment: str) -> str:
+    """Why ``experiment`` has no runs at ``scale``, and what to ask for instead."""
+    names = sorted(config["experiments"])
+    if experiment in config["experiments"]:
+        demo_names = [
+            name for name in names if config["experiments"][name].get("demo", True)
+        ]
+        return (
+            f"Experiment {experiment!r} has no demo version (`demo: false` in the "
+            f"config: it needs data that is not bundled); run it with scale=paper, "
+            f"or pick a demo experiment: {demo_names}."
+        )
+    close = difflib.get_close_matches(experiment, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"No experiment {experiment!r} in the config; have {names}.{hint}"
+
+
 def find_run(config: dict, scale: str, experiment: str, run_id: str) -> dict:
     """The resolved config of one run (raises :class:`ConfigError` if absent)."""
     runs = expand_runs(config, scale).get(experiment)
     if runs is None:
-        raise ConfigError(
-            f"No experiment {experiment!r} in the config; "
-            f"have {sorted(config['experiments'])}."
-        )
+        raise ConfigError(unknown_experiment(config, scale, experiment))
     for run in runs:
         if run["run_id"] == run_id:
             return run

@@ -118,6 +118,10 @@ def test_run_id_formatting():
 def test_find_run_errors_name_the_alternatives(cfg):
     with pytest.raises(ConfigError, match="its runs are"):
         config.find_run(cfg, "demo", "width_regime", "w3-fl-s0")
+    with pytest.raises(ConfigError, match="Did you mean 'width_regime'"):
+        config.find_run(cfg, "demo", "width_regmie", "w64-fl-s0")
+    with pytest.raises(ConfigError, match="'imagenet100' has no demo version"):
+        config.find_run(cfg, "demo", "imagenet100", "w64-fl-s0")
 
 
 EXPERIMENTS = {

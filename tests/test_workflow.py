@@ -106,6 +106,17 @@ def test_bad_config_fails_fast_with_a_clear_message(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_an_unknown_experiment_target_names_the_experiments(tmp_path):
+    write_config(tmp_path, TINY)
+    target = "results/demo/figures/width_regmie.png"
+    result = snakemake(tmp_path, "--cores", "1", "-n", target, timeout=120)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "No experiment 'width_regmie' in the config" in message
+    assert "Did you mean 'width_regime'?" in message
+    assert "KeyError" not in message
+
+
 def test_prepared_data_is_shared_and_written_once(tmp_path):
     write_config(tmp_path, TINY)
     result = snakemake(tmp_path, "--cores", "1", "-n", "--quiet", "rules")

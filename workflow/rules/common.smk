@@ -28,7 +28,7 @@ wildcard_constraints:
 
 def find_run(wildcards):
     """The resolved config of the run that the wildcards name."""
-    for run in RUNS[wildcards.scale].get(wildcards.experiment, []):
+    for run in experiment_runs(wildcards):
         if run["run_id"] == wildcards.run:
             return run
     raise WorkflowError(
@@ -38,7 +38,14 @@ def find_run(wildcards):
 
 
 def experiment_runs(wildcards):
-    return RUNS[wildcards.scale][wildcards.experiment]
+    runs = RUNS[wildcards.scale].get(wildcards.experiment)
+    if runs is None:
+        raise WorkflowError(
+            ntkcl_config.unknown_experiment(
+                config, wildcards.scale, wildcards.experiment
+            )
+        )
+    return runs
 
 
 def data_config(wildcards):
@@ -67,8 +74,14 @@ def run_dims(wildcards):
     return list(experiment_runs(wildcards)[0]["params"])
 
 
+def experiment_settings(experiment):
+    if experiment not in config["experiments"]:
+        raise WorkflowError(ntkcl_config.unknown_experiment(config, SCALE, experiment))
+    return config["experiments"][experiment]
+
+
 def figure_settings(experiment):
-    return config["experiments"][experiment].get("figure", {})
+    return experiment_settings(experiment).get("figure", {})
 
 
 def figure_layout(wildcards):
@@ -82,7 +95,7 @@ def figure_layout(wildcards):
 
 
 def experiment_description(wildcards):
-    experiment = config["experiments"][wildcards.experiment]
+    experiment = experiment_settings(wildcards.experiment)
     return experiment.get("description", wildcards.experiment)
 
 
