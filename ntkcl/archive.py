@@ -355,6 +355,11 @@ def open_archive(path: str | Path) -> xr.Dataset:
             unexpected variables, wrong dimensions).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ArchiveError(
+            f"{path} is a folder; give one archive file, for example "
+            f"{path / '<run>.h5'} (runs are in results/<scale>/runs/<experiment>/)."
+        )
     if not path.is_file():
         raise ArchiveError(f"{path}: no such archive.")
     with _hdf5_file(path) as f, _unreadable(path):

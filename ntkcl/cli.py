@@ -97,7 +97,13 @@ def _reading(archive_path):
     except ArchiveError:
         raise
     except (ValueError, OSError, RuntimeError) as error:  # h5py: OSError, ...
-        raise ArchiveError(f"{archive_path}: {error}") from error
+        hint = ""
+        if "filter returned failure" in str(error):
+            hint = (
+                " (a damaged chunk: its checksum or decompression failed; "
+                f"`ntkcl inspect {archive_path}` names the dumps it hits)"
+            )
+        raise ArchiveError(f"{archive_path}: {error}{hint}") from error
 
 
 def aggregate(paths, dims, out) -> None:
@@ -247,7 +253,10 @@ def _cmd_inspect(args) -> int:
             info = inspection.summary(ds, args.archive)
             info["problems"] = problems
         if args.step is not None:
-            info["spectrum"] = inspection.spectrum(ds, args.step)
+            try:
+                info["spectrum"] = inspection.spectrum(ds, args.step)
+            except OSError:  # a damaged dump, already among the problems
+                info["spectrum"] = None
     if args.json:
         print(json.dumps(info, indent=2))
     elif args.validate:
@@ -321,8 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    if getattr(args, "validate", False) and args.step is not None:
+        parser.error(
+            "--validate checks every dump and --step shows one dump's spectrum: "
+            "use one of them (the summary without --validate includes the checks)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     configure_logging(None, logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args) or 0

@@ -148,26 +148,30 @@ def check(ds: xr.Dataset) -> list[str]:
         )
 
     # values along step; train_loss is NaN at iteration 0 (no update yet)
-    loss = ds["train_loss"].values
-    for name, values in (
-        ("train_loss", loss[steps > 0]),
-        ("wall_time", ds["wall_time"].values),
-        ("accuracy", ds["accuracy"].values),
-        ("logits", ds["logits"].values),
-    ):
-        if not np.all(np.isfinite(values)):
+    values = {
+        name: _read(ds, name, problems)
+        for name in ("train_loss", "wall_time", "accuracy", "logits")
+    }
+    if values["train_loss"] is not None:
+        values["train_loss"] = values["train_loss"][steps > 0]
+    for name, array in values.items():
+        if array is not None and not np.all(np.isfinite(array)):
             problems.append(
-                f"{name} has {np.sum(~np.isfinite(values))} non-finite values"
+                f"{name} has {np.sum(~np.isfinite(array))} non-finite values"
             )
-    accuracy = ds["accuracy"].values
-    if np.any((accuracy < 0) | (accuracy > 1)):
+    accuracy = values["accuracy"]
+    if accuracy is not None and np.any((accuracy < 0) | (accuracy > 1)):
         problems.append("accuracy has values outside [0, 1]")
 
     kind = ds.attrs["kernel_kind"]
     tolerance = _SYMMETRY_TOLERANCE.get(ds["ntk"].dtype, 1e-5)
     for index in range(steps.size):
         where = f"dump {index} (iteration {steps[index]})"
-        kernel = ds["ntk"].isel(step=index).values
+        try:
+            kernel = ds["ntk"].isel(step=index).values
+        except OSError as error:
+            problems.append(f"{where}: ntk cannot be read: {_damaged(error)}")
+            continue
         if not np.all(np.isfinite(kernel)):
             count = int(np.sum(~np.isfinite(kernel)))
             problems.append(f"{where}: ntk has {count} non-finite values")
@@ -181,6 +185,33 @@ def check(ds: xr.Dataset) -> list[str]:
                 f"{asymmetry:.2g})"
             )
     return problems
+
+
+def _damaged(error: OSError) -> str:
+    return (
+        f"{error} (a damaged chunk: its checksum or decompression failed; the other "
+        "dumps are intact, and a rerun of the run rewrites it)"
+    )
+
+
+def _read(ds: xr.Dataset, name: str, problems: list[str]) -> np.ndarray | None:
+    """All of variable ``name``, or None after naming the dumps that cannot be
+    read in ``problems``."""
+    try:
+        return ds[name].values
+    except OSError as error:
+        variable = ds[name]
+        if "step" not in variable.dims:
+            problems.append(f"{name} cannot be read: {_damaged(error)}")
+            return None
+        bad = []
+        for index in range(ds.sizes["step"]):
+            try:
+                variable.isel(step=index).load()
+            except OSError:
+                bad.append(index)
+        problems.append(f"{name} cannot be read at dump(s) {bad}: {_damaged(error)}")
+        return None
 
 
 def spectrum(ds: xr.Dataset, step: int, top: int = 5) -> dict:
@@ -273,7 +304,9 @@ def format_text(info: dict) -> str:
             f"format {info['format_version']}, created {info['created_at']}",
         ),
     ]
-    if "spectrum" in info:
+    if info.get("spectrum") is None and "spectrum" in info:
+        lines.append(("spectrum at", "unreadable dump (see problems)"))
+    elif "spectrum" in info:
         s = info["spectrum"]
         cond = s["condition_number"]
         lines += [

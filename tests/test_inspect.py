@@ -75,6 +75,43 @@ def test_validate_names_each_problem(tmp_path, capsys):
     assert f"4 problem(s) in {path}" in err
 
 
+def test_a_damaged_chunk_is_named_and_the_rest_still_read(tmp_path, capsys):
+    path = _make(tmp_path / "a.h5", "trace")
+    archive.finish(path)
+    with h5py.File(path, "r") as f:
+        assert f["ntk"].fletcher32
+        chunk = f["ntk"].id.get_chunk_info(1)  # dump 1's kernel
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    status, out, err = inspect(capsys, path, "--step", 10)
+    assert status == 1, err
+    assert "dump 1 (iteration 10): ntk cannot be read" in out
+    assert "a damaged chunk" in out
+    assert "dumps: 3, iterations 0 to 20" in out  # the summary is still there
+    assert "spectrum at: unreadable dump (see problems)" in out
+    status, out, _ = inspect(capsys, path, "--validate")
+    assert status == 1 and "dump 1 (iteration 10): ntk cannot be read" in out
+    assert "dump 0" not in out and "dump 2" not in out
+
+    status = cli.main(["reduce", str(path), "-o", str(tmp_path / "m.nc")])
+    err = capsys.readouterr().err
+    assert status == 2 and "a damaged chunk" in err and f"ntkcl inspect {path}" in err
+
+
+def test_inspect_usage_errors(tmp_path, capsys):
+    path = _make(tmp_path / "a.h5", "trace")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["inspect", str(path), "--validate", "--step", "10"])
+    assert exit_info.value.code == 2
+    assert "use one of them" in capsys.readouterr().err
+    status, _, err = inspect(capsys, tmp_path)
+    assert status == 2 and "is a folder; give one archive file" in err
+
+
 def test_inspect_sees_the_dumps_of_a_run_being_written(tmp_path):
     """A reader in another process, while this one appends (HDF5 SWMR)."""
     path = _make(tmp_path / "live.h5", dumps=0)
