@@ -232,6 +232,9 @@ def _cmd_train(args) -> None:
     base = Path("results") / scale
     out = Path(args.out or base / "runs" / args.experiment / f"{args.run}.h5")
     work = base / "work" / args.experiment / args.run
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     status = train(run, data_path, out, work, args.checkpoint_interval)
     print(f"{status}: {out}")
 
@@ -299,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset (default: results/data/<id>.h5)")
     p.add_argument("--out", help="archive path (default: the workflow's)")
     p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads (default 1, as the workflow's train jobs: a run is "
+        "bit-identical only at the same thread count)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("reduce", help="reduce an archive to metrics (NetCDF)")

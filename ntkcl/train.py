@@ -231,6 +231,16 @@ def train_run(
             start,
             writer.count,
         )
+        threads = state.get("threads", torch.get_num_threads())
+        if threads != torch.get_num_threads() and device.type == "cpu":
+            log.warning(
+                "the killed attempt trained with %d CPU thread(s), this one with %d: "
+                "from iteration %d on the results can differ in the last bits from "
+                "an uninterrupted run",
+                threads,
+                torch.get_num_threads(),
+                start,
+            )
     else:
         checkpoint_path.unlink(missing_ok=True)
         work_archive.unlink(missing_ok=True)
@@ -251,6 +261,7 @@ def train_run(
                 seed=run["seed"],
                 learning_rate=lr,
                 device=str(device),
+                torch_threads=torch.get_num_threads(),
                 dataset=Path(data_path).stem,
                 ntkcl_version=__version__,
                 torch_version=str(torch.__version__),
@@ -363,6 +374,7 @@ def train_run(
                         loss=loss_value,
                         elapsed=elapsed_before + time.perf_counter() - started,
                         config_json=config_json,
+                        threads=torch.get_num_threads(),
                     ),
                 )
                 last_checkpoint = time.monotonic()

@@ -7,6 +7,7 @@ checkpoint, between finishing the archive and publishing it. The rerun (in this
 process) must give an archive identical in every dump to an uninterrupted run.
 """
 
+import logging
 import os
 import signal
 import traceback
@@ -14,6 +15,7 @@ import traceback
 import h5py
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 from test_train import tiny_run
 
@@ -162,3 +164,19 @@ def test_a_checkpoint_ahead_of_its_archive_starts_afresh(tmp_path, digits, refer
     # as if the node failed and the archive's last dumps never reached the disk
     archive.truncate(work / "archive.h5", 2)
     assert "truncated" not in resume_and_compare(digits, out, work, reference)
+
+
+def test_a_resume_with_another_thread_count_says_so(digits, tmp_path, caplog):
+    out, work = tmp_path / "run.h5", tmp_path / "work"
+    threads = torch.get_num_threads()
+
+    def kill():
+        torch.set_num_threads(threads + 1)
+        _kill_in_ntk(4)
+
+    train_and_get_killed(digits, out, work, kill)
+    caplog.set_level(logging.WARNING, logger="ntkcl")
+    assert train.train_run(RUN, digits, out, work, checkpoint_interval=0) == "complete"
+    assert f"the killed attempt trained with {threads + 1} CPU thread(s)" in caplog.text
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        assert ds.attrs["torch_threads"] == threads + 1  # the first attempt
