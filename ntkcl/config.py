@@ -166,6 +166,10 @@ def validate_config(config: dict, source: str = "config") -> None:
                         )
         for name, experiment in config["experiments"].items():
             problems += _figure_problems(name, experiment, source)
+        for name in config.get("only", []):
+            if name not in config["experiments"]:
+                why = unknown_experiment(config, "", name)
+                problems.append(f"{source}.only: {why}")
     if not problems:
         run_schema = dict(schema["$defs"]["run"], **{"$defs": schema["$defs"]})
         for scale in SCALES:

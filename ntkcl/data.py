@@ -370,6 +370,8 @@ def _read_image_folder(cfg: dict) -> _Raw:
         else None
     )
     missing = [f"{root / d}/" for d in dirs if not (root / d).is_dir()]
+    if dirs[1] == "test" and f"{root / 'test'}/" in missing:  # neither val/ nor test/
+        missing[missing.index(f"{root / 'test'}/")] = f"{root / 'val'}/ (or test/)"
     if given and class_list is None:
         missing.append(f"{given} (the class list file; also looked for under {root}/)")
     classes = []

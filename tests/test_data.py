@@ -167,6 +167,13 @@ def test_image_folder_missing_class_folder(tmp_path):
     assert str(root / "train" / "c") in message and str(root / "val" / "c") in message
     assert "never downloaded" in message
 
+    # an empty root: the evaluation split is val/ (test/ only stands in for it)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.prepare({"name": "ImageFolder", "root": str(empty)}, tmp_path / "e.h5")
+    assert f"{empty / 'train'}/\n  {empty / 'val'}/ (or test/)" in str(info.value)
+
 
 def test_missing_cifar_names_files_and_fixes(tmp_path):
     root = tmp_path / "empty"

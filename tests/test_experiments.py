@@ -75,6 +75,21 @@ def test_dry_run_lists_every_experiments_jobs(tmp_path):
         assert f"results/{scale}/claims.csv" in listing
 
 
+def test_only_runs_the_experiments_it_names(tmp_path):
+    write_config(tmp_path, REPO_CONFIG)
+    only = "only=[width_regime, class_overlap]"
+    result = snakemake(tmp_path, "-n", "--config", only, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listing = result.stdout + result.stderr
+    planned = set(re.findall(r"results/paper/runs/(\w+)/", listing))
+    assert planned == {"width_regime", "class_overlap"}
+    assert "imagenet100" not in listing and "results/paper/claims.csv" in listing
+
+    bad = snakemake(tmp_path, "-n", "--config", "only=[width_regmie]", timeout=300)
+    assert bad.returncode != 0
+    assert "config.only: No experiment 'width_regmie'" in bad.stdout + bad.stderr
+
+
 @pytest.mark.slow
 def test_imagenet100_runs_end_to_end_on_an_image_folder(tmp_path):
     root = tmp_path / "imagenet"

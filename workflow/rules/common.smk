@@ -136,9 +136,14 @@ def has_summary(experiment):
     return bool(figure_settings(experiment).get("summary"))
 
 
+def selected_experiments(scale):
+    """The experiments run at ``scale`` (demo leaves some out), or those of `only`."""
+    only = ntkcl_config.workflow_setting(config, "only")
+    return [name for name in RUNS[scale] if not only or name in only]
+
+
 def scale_experiments(wildcards):
-    """The experiments run at the wildcard's scale (demo leaves some out)."""
-    return list(RUNS[wildcards.scale])
+    return selected_experiments(wildcards.scale)
 
 
 def experiment_claims(wildcards):
@@ -150,7 +155,7 @@ def experiment_claims(wildcards):
 
 def final_outputs():
     outputs = []
-    for experiment in RUNS[SCALE]:
+    for experiment in selected_experiments(SCALE):
         outputs += [
             f"results/{SCALE}/figures/{experiment}.pdf",
             f"results/{SCALE}/figures/{experiment}.png",
