@@ -58,11 +58,14 @@ def prepare(data_cfg: dict, out: str | Path) -> None:
 
 
 def train(run: dict, data_path, out, work_dir, checkpoint_interval=60.0) -> str:
-    from .train import train_run
+    from .train import RunLockedError, train_run
 
-    return train_run(
-        run, data_path, out, work_dir, checkpoint_interval=checkpoint_interval
-    )
+    try:
+        return train_run(
+            run, data_path, out, work_dir, checkpoint_interval=checkpoint_interval
+        )
+    except RunLockedError as error:  # a user's situation, not a bug: no traceback
+        raise ValueError(str(error)) from None
 
 
 def reduce(archive_path, out) -> None:
@@ -232,6 +235,18 @@ def _cmd_train(args) -> None:
     base = Path("results") / scale
     out = Path(args.out or base / "runs" / args.experiment / f"{args.run}.h5")
     work = base / "work" / args.experiment / args.run
+    if out.exists() and not args.force:
+        from . import archive
+
+        status, stored = archive.read_status(out)
+        if status in archive.STATUSES and status != "running":
+            same = stored == config.dumps(run)
+            print(
+                f"{out} exists ({status}"
+                + ("" if same else ", trained with other settings")
+                + "); nothing to do. Add --force to train it again."
+            )
+            return
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -300,8 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("run", help="run id, e.g. w64-fl-s0 (see check-config)")
     p.add_argument("--data", help="prepared dataset (default: results/data/<id>.h5)")
-    p.add_argument("--out", help="archive path (default: the workflow's)")
+    p.add_argument(
+        "--out",
+        help="archive path (default: the workflow's); the run still trains in the "
+        "workflow's work folder, results/<scale>/work/<experiment>/<run>/",
+    )
     p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train again even when the archive at --out is finished",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -27,6 +27,8 @@ the archive keeps the dumps before it and records the iteration and reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -138,9 +140,48 @@ def train_run(
 
     Returns:
         The run's status: ``complete`` or ``diverged``.
+
+    Raises:
+        RunLockedError: another process is training this run in ``work_dir``.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    with _work_dir_lock(work_dir, run["run_id"]):
+        return _train(run, data_path, out_path, work_dir, progress, checkpoint_interval)
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run's work folder."""
+
+
+@contextlib.contextmanager
+def _work_dir_lock(work_dir: Path, run_id: str):
+    """Hold ``work_dir/lock`` (an exclusive ``flock``) while the run trains, so that
+    a second writer (an orphaned job and its resubmission) fails instead of mixing
+    dumps into the same archive. The kernel drops the lock when the process dies."""
+    path = work_dir / "lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunLockedError(
+                f"run {run_id} is already being trained in {work_dir} by another "
+                f"process ({holder}); wait for it to end or stop it, then rerun."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(run, data_path, out_path, work_dir: Path, progress, checkpoint_interval):
     work_archive = work_dir / "archive.h5"
     checkpoint_path = work_dir / "checkpoint.pt"
     device = pick_device(run["device"])

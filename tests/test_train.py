@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,16 @@ def test_a_diverging_run_is_archived_as_diverged(tmp_path, digits):
         assert ds.attrs["diverged_iteration"] > 0
         assert "loss became" in ds.attrs["status_reason"]
         assert ds["step"].values[-1] < ds.attrs["diverged_iteration"]
+
+
+def test_a_second_writer_of_one_run_is_refused(tmp_path, digits):
+    run, work = tiny_run(), tmp_path / "work"
+    work.mkdir()
+    with train._work_dir_lock(work, run["run_id"]):
+        with pytest.raises(train.RunLockedError) as info:
+            train.train_run(run, digits, tmp_path / "a.h5", work)
+        assert f"pid {os.getpid()}" in str(info.value)
+    assert not (tmp_path / "a.h5").exists()
+    # once the first writer is gone, the run trains, and leaves no lock behind
+    assert train.train_run(run, digits, tmp_path / "a.h5", work) == "complete"
+    assert not (work / "lock").exists()

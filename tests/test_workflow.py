@@ -129,3 +129,18 @@ def test_prepared_data_is_shared_and_written_once(tmp_path):
     }
     assert counts.get("prepare_data") == "1"
     assert counts.get("train") == "4"
+
+
+def test_ntkcl_train_leaves_a_finished_archive_alone(tmp_path, monkeypatch, capsys):
+    from ntkcl import cli
+
+    write_config(tmp_path, TINY)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "config.yaml", "width_regime", "w8-fl-s0", "--scale", "demo"]
+    out = tmp_path / "mine.h5"
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert f"complete: {out}" in capsys.readouterr().out
+    written = out.stat().st_mtime_ns
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert "exists (complete); nothing to do" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == written
