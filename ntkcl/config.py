@@ -180,6 +180,22 @@ def validate_config(config: dict, source: str = "config") -> None:
                         f"{source} ({scale} run {run['experiment']}/{run['run_id']})"
                     )
                     problems += _schema_errors(settings, run_schema, where)
+    if not problems:
+        # the task sequence of every run (the checks that need no data)
+        from .tasks import build_tasks
+
+        failing: dict[str, list[str]] = {}  # one line per message, not per run
+        for scale in SCALES:
+            for runs in expand_runs(config, scale).values():
+                for run in runs:
+                    try:
+                        build_tasks(run["tasks"])
+                    except ValueError as error:
+                        where = f"{scale} run {run['experiment']}/{run['run_id']}"
+                        failing.setdefault(str(error), []).append(where)
+        for message, where in failing.items():
+            more = f" and {len(where) - 1} other run(s)" if len(where) > 1 else ""
+            problems.append(f"{source} ({where[0]}{more}): {message}")
     if problems:
         listing = "\n  - ".join(dict.fromkeys(problems))
         raise ConfigError(f"Invalid configuration:\n  - {listing}")

@@ -73,6 +73,13 @@ def test_merge_order(cfg):
         ),
         (lambda c: c.update(scale="huge"), ["config.scale", "'huge' is not one of"]),
         (
+            lambda c: c["defaults"]["tasks"].update(iterations=[10, 10, 10]),
+            [
+                "(paper run width_regime/w64-fl-s0 and ",
+                "tasks.iterations is [10, 10, 10]",
+            ],
+        ),
+        (
             lambda c: c.update(checkpoint_seconds=-1),
             ["config.checkpoint_seconds", "-1 is less than the minimum of 0"],
         ),
