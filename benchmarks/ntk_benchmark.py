@@ -266,10 +266,24 @@ def reset_peak() -> float:
     return proc_status_mb("VmRSS")
 
 
-def timed_calls(fn, repeats: int, time_cap: float):
-    """Call ``fn`` until ``repeats`` calls or ``time_cap`` seconds (at least once)."""
+def keep_timing(times: list[float], repeats: int, time_cap: float, min_s: float):
+    """Whether to time another call: ``repeats`` calls unless they pass ``time_cap``
+    seconds, and more (up to 100) while they add up to less than ``min_s`` seconds,
+    so that the median of a call of milliseconds is not one of three."""
+    if not times:
+        return True
+    if len(times) < repeats:
+        return sum(times) < time_cap
+    return len(times) < MAX_CALLS and sum(times) < min_s
+
+
+MAX_CALLS = 100
+
+
+def timed_calls(fn, repeats: int, time_cap: float, min_s: float = 0.0):
+    """Call ``fn`` as :func:`keep_timing` says; the times and the last result."""
     times, result = [], None
-    while len(times) < repeats and (not times or sum(times) < time_cap):
+    while keep_timing(times, repeats, time_cap, min_s):
         result = None
         t0 = time.perf_counter()
         result = fn()
@@ -385,13 +399,14 @@ class TorchCase:
         self.fwd = self.stats["full"]["forward_flops"]
         self.rate = spec["matmul_gflops"] * 1e9 * 0.3  # pessimistic, for block sizes
         self.repeats, self.cap = spec["repeats"], spec["time_cap"]
+        self.min_s = spec["min_seconds"]
         self.budget = spec["slow_budget_mb"] * 2**20
         self.jac_bytes = NUM_CLASSES * self.params * 4  # one example's Jacobian
 
     def timed(self, fn, blocked=False):
         """Timed calls: --repeats on all n, --slow-repeats on an extrapolated block."""
         repeats = self.spec["slow_repeats"] if blocked else self.repeats
-        return timed_calls(fn, repeats, self.cap)
+        return timed_calls(fn, repeats, self.cap, 0.0 if blocked else self.min_s)
 
     def jc_seconds(self, kind):
         """Estimated seconds of a Jacobian contraction on b examples."""
@@ -839,6 +854,7 @@ def run_group(group, args, matmul, workdir) -> tuple[list[dict], dict]:
         "threads": args.threads,
         "repeats": args.repeats,
         "time_cap": args.time_cap,
+        "min_seconds": args.min_seconds,
         "full_seconds": args.full_seconds,
         "block_seconds": args.block_seconds,
         "slow_budget_mb": args.slow_budget_mb,
@@ -961,7 +977,8 @@ def render(rows, groups_info, meta, shares=()) -> str:
         f"{meta['load'][1]:.1f} on {meta['cpus']} CPUs"
         + (
             " (**the machine was busy: timings are noisy**)"
-            if max(meta["load"]) > 0.5 * meta["cpus"] + 0.5
+            # the end's load includes this run's own threads
+            if max(meta["load"][0], meta["load"][1] - meta["threads"]) > 0.5
             else ""
         ),
         f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}; "
@@ -977,9 +994,10 @@ def render(rows, groups_info, meta, shares=()) -> str:
         f"of {meta['matmul']['repeats']} {meta['matmul']['size']}^2 products); "
         "`% matmul` is relative to it",
         f"- command: `{meta['command']}`",
-        f"- timings: median of up to {meta['repeats']} calls after a warm-up, fewer "
-        f"when the calls exceed {meta['time_cap']:.0f} s (column `reps`); JAX "
-        "compile time excluded (column `compile s`)",
+        f"- timings: median of {meta['repeats']} calls after a warm-up, fewer "
+        f"when the calls exceed {meta['time_cap']:.0f} s, more (up to {MAX_CALLS}) "
+        f"while they add up to less than {meta['min_seconds']:g} s (column `reps`); "
+        "JAX compile time excluded (column `compile s`)",
         "",
         "| case | method | median s | reps | extrapolated from | x ntkcl | compile s "
         "| peak RSS MB | delta RSS MB | GFLOP/s | % matmul | % matmul (triangle) "
@@ -1200,6 +1218,13 @@ def parse_args(argv=None):
         help="timed calls per block of a method that is extrapolated (default 1)",
     )
     p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="time more calls (up to 100) while they add up to less than this "
+        "(default 1; not for extrapolated blocks)",
+    )
+    p.add_argument(
         "--time-cap",
         type=float,
         default=20.0,
@@ -1348,6 +1373,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "benchmarks/ntk_benchmark.py", *sys.argv[1:]]),
         "repeats": args.repeats,
         "time_cap": args.time_cap,
+        "min_seconds": args.min_seconds,
     }
     table = render(rows, info, meta, shares)
     print(table)

@@ -15,13 +15,16 @@ This module owns the loops over blocks of examples and logits, the symmetric
 shortcut (x2 is None: only the upper block triangle is computed, then mirrored) and
 the layouts. Internal kernel layouts, converted once at the end by :func:`finish`:
 ``full`` is ``(n1, K, n2, K)``, ``diagonal`` ``(K, n1, n2)``, ``trace`` ``(n1, n2)``.
-Features are held example-major ``(b, k, P)`` for ``full`` and ``trace`` (a block of
-rows is then a contiguous matrix, and for ``trace`` the sum over logits folds into
-one matmul) and logit-major ``(k, b, P)`` for ``diagonal`` (one batched matmul).
+Features are held example-major ``(b, k, P)`` for ``full`` (a block of rows is then a
+contiguous matrix), logit-major ``(k, b, P)`` for ``diagonal`` (one batched matmul),
+and for ``trace`` as the implementation computes them (structured: logit-major, as
+the backward pass returns them; jacobian: example-major), since a transposed copy
+of the features costs more than the layout saves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +45,16 @@ class Factor:
         onehot: set when ``features[i, a]`` is the unit vector of logit
             ``onehot + a`` (the cotangents at the logits themselves): the feature
             Gram is then ``[a == b]`` and needs no matmul.
+        ones: whether the inputs carry an implicit last entry 1 (a trainable
+            bias): their Gram is then ``inputs @ inputs.T + 1``, without copying
+            the inputs to append a column of ones.
     """
 
     features: Tensor
     inputs: Tensor | None = None
     logit_major: bool = False
     onehot: int | None = None
+    ones: bool = False
 
     @property
     def num_logits(self) -> int:
@@ -60,13 +67,14 @@ class Factor:
     def rows(self, sl: slice) -> Factor:
         feats = self.features[:, sl] if self.logit_major else self.features[sl]
         inputs = None if self.inputs is None else self.inputs[sl]
-        return Factor(feats, inputs, self.logit_major, self.onehot)
+        return dataclasses.replace(self, features=feats, inputs=inputs)
 
-    def to_layout(self, logit_major: bool) -> Factor:
-        if logit_major == self.logit_major:
+    def to_layout(self, logit_major: bool | None) -> Factor:
+        """The factor in the given layout (None: as it is)."""
+        if logit_major is None or logit_major == self.logit_major:
             return self
         feats = self.features.transpose(0, 1).contiguous()
-        return Factor(feats, self.inputs, logit_major, self.onehot)
+        return dataclasses.replace(self, features=feats, logit_major=logit_major)
 
 
 # one call computes the factors of a block of examples for a range of logits
@@ -145,7 +153,7 @@ def accumulate(out_block: Tensor, kind: str, f1: Factor, f2: Factor) -> None:
             ``(b1, b2)`` (trace) view of the kernel.
         kind: ``"full"``, ``"diagonal"`` or ``"trace"``; for the last two both
             factors cover the same logits. For ``full`` and ``trace`` the factors
-            are example-major.
+            are example-major; for ``trace`` either, the same for both.
         f1: factors of the row examples.
         f2: factors of the column examples.
     """
@@ -153,6 +161,8 @@ def accumulate(out_block: Tensor, kind: str, f1: Factor, f2: Factor) -> None:
     gram_in = None
     if f1.inputs is not None:
         gram_in = f1.inputs @ f2.inputs.T  # (b1, b2)
+        if f1.ones:
+            gram_in += 1
     if f1.onehot is not None and f2.onehot is not None:
         _accumulate_onehot(out_block, kind, f1, f2, gram_in)
         return
@@ -163,6 +173,9 @@ def accumulate(out_block: Tensor, kind: str, f1: Factor, f2: Factor) -> None:
         c = f1.features.reshape(b1 * k1, p) @ f2.features.reshape(b2 * k2, p).T
         c = c.view(b1, k1, b2, k2)
         gram_in = None if gram_in is None else gram_in[:, None, :, None]
+    elif kind == "trace" and f1.logit_major:
+        # one product per logit, summed
+        c = torch.bmm(f1.features, f2.features.transpose(1, 2)).sum(0)
     elif kind == "trace":
         # the sum over logits folds into the contraction: (b1, k P) @ (k P, b2)
         b1, k1, _ = f1.features.shape
@@ -194,7 +207,8 @@ def _accumulate_onehot(out_block, kind, f1: Factor, f2: Factor, gram) -> None:
 
 
 def _gather(compute: ComputeFn, x: Tensor, group, blocking: Blocking, k: int, major):
-    """Factors of every example of ``x`` for all ``k`` logits, in one tensor each."""
+    """Factors of every example of ``x`` for all ``k`` logits, in one tensor each
+    (``major``: True logit-major, False example-major, None as computed)."""
     n = x.shape[0]
     if blocking.examples >= n and blocking.logits >= k:
         return [
@@ -210,8 +224,8 @@ def _gather(compute: ComputeFn, x: Tensor, group, blocking: Blocking, k: int, ma
             for dst, src in zip(held, factors, strict=True):
                 if src is None:
                     continue
-                src = src.to_layout(major)
-                if major:
+                src = src.to_layout(dst.logit_major)
+                if dst.logit_major:
                     dst.features[la, rows] = src.features
                 else:
                     dst.features[rows, la] = src.features
@@ -220,16 +234,18 @@ def _gather(compute: ComputeFn, x: Tensor, group, blocking: Blocking, k: int, ma
     return held
 
 
-def _allocate(f: Factor | None, n: int, k: int, major: bool) -> Factor | None:
+def _allocate(f: Factor | None, n: int, k: int, major) -> Factor | None:
     if f is None:
         return None
+    major = f.logit_major if major is None else major
     ft = f.features
     lead = (k, n) if major else (n, k)
     inputs = None
     if f.inputs is not None:
         inputs = f.inputs.new_empty((n,) + tuple(f.inputs.shape[1:]))
     onehot = None if f.onehot is None else 0
-    return Factor(ft.new_empty(lead + tuple(ft.shape[2:])), inputs, major, onehot)
+    features = ft.new_empty(lead + tuple(ft.shape[2:]))
+    return Factor(features, inputs, major, onehot, f.ones)
 
 
 def _accumulate_all(blk: Tensor, kind: str, fs1, fs2) -> None:
@@ -272,7 +288,7 @@ def contract(
     symmetric = x2 is None
     xs2 = x1 if symmetric else x2
     n1, n2 = x1.shape[0], xs2.shape[0]
-    major = kind == "diagonal"
+    major = {"full": False, "diagonal": True, "trace": None}[kind]
     logit_blocks = _chunks(num_logits, blocking.logits)
     everything = slice(0, num_logits)
     row_size = blocking.rows if blocking.cached else blocking.examples

@@ -157,14 +157,12 @@ def _blocking(p, group, n1, n2, num_logits, kind, symmetric, budget) -> Blocking
     """The cheaper of the cached and streamed blockings that keep the working set
     of ``p`` within ``budget`` elements (None when neither does)."""
     dims = (n1, n2, num_logits, kind, symmetric)
-    options = [
-        blk
-        for blk in (
-            _cached_blocking(p, group, *dims, budget),
-            _streamed_blocking(p, group, *dims, budget),
-        )
-        if blk is not None
-    ]
+    cached = _cached_blocking(p, group, *dims, budget)
+    n_max = n1 if symmetric else max(n1, n2)
+    if cached and cached.examples >= n_max and cached.logits == num_logits:
+        return cached  # every factor from one call: nothing can be cheaper
+    options = [cached, _streamed_blocking(p, group, *dims, budget)]
+    options = [blk for blk in options if blk is not None]
     return min(options, key=lambda blk: _flops(p, blk, *dims), default=None)
 
 

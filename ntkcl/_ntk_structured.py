@@ -65,20 +65,22 @@ class Structured:
         self.used = [s for s in specs if s.used]
         self.per_logit = any(not s.outer for s in self.used)
         self.groups = [None]
+        # per-example sizes of the cost model, summed over layers once
+        used = self.used
+        self._inputs = sum(s.in_aug for s in used if s.outer and s.weight)
+        self._per_logit = sum(s.out_features if s.outer else s.num_params for s in used)
+        self._patches = sum(s.in_aug * s.positions for s in used if not s.outer)
+        self._backward = act_elems + sum(s.out_numel for s in used)
 
     # cost model (elements and flops), for planning
     def factor_elems(self, b: int, k: int, group=None) -> int:
-        per_example = sum(s.in_aug for s in self.used if s.outer and s.weight)
-        per_logit = sum(s.out_features if s.outer else s.num_params for s in self.used)
-        return b * per_example + b * k * per_logit
+        return b * self._inputs + b * k * self._per_logit
 
     def work_elems(self, b: int, k: int, group=None) -> int:
         """Graph, patches, backward buffers and the block's own factors."""
-        patches = sum(s.in_aug * s.positions for s in self.used if not s.outer)
-        backward = self.act_elems + sum(s.out_numel for s in self.used)
         passes = 1 if self.per_logit else k  # logits in flight in one backward
         own = self.factor_elems(b, k)
-        return b * (self.act_elems + patches) + b * passes * backward + own
+        return b * (self.act_elems + self._patches) + b * passes * self._backward + own
 
     def forward_flops(self) -> int:
         return sum(s.forward_flops for s in self.specs if s.called)
@@ -161,9 +163,7 @@ class _Terms:
         self.k = logits.stop - logits.start
         self.inputs = self.rows = None
         if spec.outer and spec.weight:
-            self.inputs = inp
-            if spec.bias:  # a column of ones adds the bias to the input Gram
-                self.inputs = torch.cat([inp, inp.new_ones(b, 1)], dim=1)
+            self.inputs = inp  # with a bias: an implicit column of ones (Factor)
         elif spec.weight and spec.conv:
             self.rows = _unfold(spec.module, inp).transpose(1, 2)  # (b, L, Q)
         elif spec.weight:
@@ -210,7 +210,8 @@ class _Terms:
             return [None] * spec.num_factors  # the layer does not reach the logits
         if spec.outer:
             onehot = self.logits.start if spec.readout else None
-            return [Factor(self.feats, self.inputs, True, onehot)]
+            ones = spec.bias and self.inputs is not None
+            return [Factor(self.feats, self.inputs, True, onehot, ones)]
         terms = []
         if self.jac is not None:
             terms.append(Factor(self.jac.view(self.k, self.b, -1), None, True))
