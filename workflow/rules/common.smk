@@ -16,6 +16,8 @@ except ntkcl_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
 SCALE = ntkcl_config.workflow_setting(config, "scale")
+ONLY = ntkcl_config.workflow_setting(config, "only")
+CHECKPOINT_SECONDS = ntkcl_config.workflow_setting(config, "checkpoint_seconds")
 RUNS = {scale: ntkcl_config.expand_runs(config, scale) for scale in ntkcl_config.SCALES}
 
 
@@ -138,8 +140,7 @@ def has_summary(experiment):
 
 def selected_experiments(scale):
     """The experiments run at ``scale`` (demo leaves some out), or those of `only`."""
-    only = ntkcl_config.workflow_setting(config, "only")
-    return [name for name in RUNS[scale] if not only or name in only]
+    return [name for name in RUNS[scale] if not ONLY or name in ONLY]
 
 
 def scale_experiments(wildcards):

@@ -26,6 +26,6 @@ rule train:
         work_dir=lambda wildcards: (
             f"results/{wildcards.scale}/work/{wildcards.experiment}/{wildcards.run}"
         ),
-        checkpoint_seconds=ntkcl_config.workflow_setting(config, "checkpoint_seconds"),
+        checkpoint_seconds=CHECKPOINT_SECONDS,
     script:
         "../scripts/ntkcl_rule.py"
