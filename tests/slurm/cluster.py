@@ -335,7 +335,9 @@ def _alive(pid: int, name: str) -> bool:
         return False
     if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
         return False
-    return any(Path(a.decode(errors="replace")).name == name for a in cmdline[:3])
+    # the whole command line: munged starts as `setpriv ... munged ...`, and until
+    # setpriv has exec'd it (slow on a busy machine) only its arguments name it
+    return any(Path(a.decode(errors="replace")).name == name for a in cmdline)
 
 
 def _stop_pid(pid: int, name: str, grace: float = 15.0) -> None:
