@@ -57,12 +57,19 @@ def prepare(data_cfg: dict, out: str | Path) -> None:
     data.prepare(data_cfg, out)
 
 
-def train(run: dict, data_path, out, work_dir, checkpoint_interval=60.0) -> str:
+def train(
+    run: dict, data_path, out, work_dir, checkpoint_interval=60.0, fresh=False
+) -> str:
     from .train import RunLockedError, train_run
 
     try:
         return train_run(
-            run, data_path, out, work_dir, checkpoint_interval=checkpoint_interval
+            run,
+            data_path,
+            out,
+            work_dir,
+            checkpoint_interval=checkpoint_interval,
+            fresh=fresh,
         )
     except RunLockedError as error:  # a user's situation, not a bug: no traceback
         raise ValueError(str(error)) from None
@@ -156,6 +163,8 @@ def run_rule(smk) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(smk.threads)))
+    from . import config
+
     steps = {
         "prepare_data": lambda: prepare(smk.params.data, smk.output[0]),
         "train": lambda: train(
@@ -163,7 +172,8 @@ def run_rule(smk) -> None:
             smk.input.data,
             smk.output.archive,
             smk.params.work_dir,
-            smk.params.checkpoint_seconds,
+            # from the config, not a rule param: a changed param reruns the job
+            config.workflow_setting(smk.config, "checkpoint_seconds"),
         ),
         "reduce": lambda: reduce(smk.input.archive, smk.output[0]),
         "aggregate": lambda: aggregate(list(smk.input), smk.params.dims, smk.output[0]),
@@ -197,7 +207,13 @@ def _runs(args) -> dict:
     from . import config
 
     cfg = config.load_config(args.config)
-    return config.expand_runs(cfg, args.scale or cfg.get("scale", "paper"))
+    scale = args.scale or config.workflow_setting(cfg, "scale")
+    runs = config.expand_runs(cfg, scale)
+    only = config.workflow_setting(cfg, "only")
+    for name in only:
+        if name not in runs:
+            raise ValueError(f"only: {config.unknown_experiment(cfg, scale, name)}")
+    return {name: items for name, items in runs.items() if not only or name in only}
 
 
 def _cmd_check_config(args) -> None:
@@ -235,6 +251,11 @@ def _cmd_train(args) -> None:
     base = Path("results") / scale
     out = Path(args.out or base / "runs" / args.experiment / f"{args.run}.h5")
     work = base / "work" / args.experiment / args.run
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder; give the archive's file name, for example "
+            f"{out / (args.run + '.h5')}."
+        )
     if out.exists() and not args.force:
         from . import archive
 
@@ -249,8 +270,8 @@ def _cmd_train(args) -> None:
             return
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
-    status = train(run, data_path, out, work, args.checkpoint_interval)
+    torch.set_num_threads(args.threads)
+    status = train(run, data_path, out, work, args.checkpoint_interval, args.force)
     print(f"{status}: {out}")
 
 
@@ -324,11 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="train again even when the archive at --out is finished",
+        help="train again from the start, even when the archive at --out is "
+        "finished or a killed attempt left a checkpoint",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=1,
         metavar="N",
         help="CPU threads (default 1, as the workflow's train jobs: a run is "
@@ -363,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:

@@ -190,7 +190,8 @@ def check(ds: xr.Dataset) -> list[str]:
 def _damaged(error: OSError) -> str:
     return (
         f"{error} (a damaged chunk: its checksum or decompression failed; the other "
-        "dumps are intact, and a rerun of the run rewrites it)"
+        "dumps are intact; to rewrite it, train the run again: delete the archive "
+        "and rerun, or `snakemake --forcerun train`, or `ntkcl train --force`)"
     )
 
 

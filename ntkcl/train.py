@@ -126,6 +126,7 @@ def train_run(
     *,
     progress: bool | None = None,
     checkpoint_interval: float = 60.0,
+    fresh: bool = False,
 ) -> str:
     """Train one run and write its kernel archive to ``out_path``.
 
@@ -137,6 +138,8 @@ def train_run(
             when the job fails so that a rerun resumes.
         progress: show a progress bar (default: when stderr is a terminal).
         checkpoint_interval: seconds between checkpoints (0: after every dump).
+        fresh: start from the beginning, discarding what a killed attempt left in
+            ``work_dir``.
 
     Returns:
         The run's status: ``complete`` or ``diverged``.
@@ -147,6 +150,9 @@ def train_run(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     with _work_dir_lock(work_dir, run["run_id"]):
+        if fresh:
+            for name in ("archive.h5", "checkpoint.pt", "checkpoint.tmp"):
+                (work_dir / name).unlink(missing_ok=True)
         return _train(run, data_path, out_path, work_dir, progress, checkpoint_interval)
 
 

@@ -75,7 +75,10 @@ def test_dry_run_lists_every_experiments_jobs(tmp_path):
         assert f"results/{scale}/claims.csv" in listing
 
 
-def test_only_runs_the_experiments_it_names(tmp_path):
+def test_only_runs_the_experiments_it_names(tmp_path, capsys):
+    write_config(tmp_path, {**REPO_CONFIG, "only": ["class_overlap"]})
+    assert cli.main(["check-config", str(tmp_path / "config.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("class_overlap: ")
     write_config(tmp_path, REPO_CONFIG)
     only = "only=[width_regime, class_overlap]"
     result = snakemake(tmp_path, "-n", "--config", only, timeout=300)
@@ -88,6 +91,14 @@ def test_only_runs_the_experiments_it_names(tmp_path):
     bad = snakemake(tmp_path, "-n", "--config", "only=[width_regmie]", timeout=300)
     assert bad.returncode != 0
     assert "config.only: No experiment 'width_regmie'" in bad.stdout + bad.stderr
+
+    # an experiment without a demo version: an error, not an empty claims table
+    demo = ("scale=demo", "only=[multitask_cifar100]")
+    bad = snakemake(tmp_path, "-n", "--config", *demo, timeout=300)
+    assert bad.returncode != 0
+    assert "only: Experiment 'multitask_cifar100' has no demo version" in (
+        bad.stdout + bad.stderr
+    )
 
 
 @pytest.mark.slow

@@ -180,3 +180,14 @@ def test_a_resume_with_another_thread_count_says_so(digits, tmp_path, caplog):
     assert f"the killed attempt trained with {threads + 1} CPU thread(s)" in caplog.text
     with xr.open_dataset(out, engine="h5netcdf") as ds:
         assert ds.attrs["torch_threads"] == threads + 1  # the first attempt
+
+
+def test_a_fresh_run_ignores_what_a_killed_attempt_left(digits, tmp_path, reference):
+    out, work = tmp_path / "run.h5", tmp_path / "work"
+    train_and_get_killed(digits, out, work, lambda: _kill_in_ntk(4))
+    assert (work / "checkpoint.pt").exists()
+    assert train.train_run(RUN, digits, out, work, fresh=True) == "complete"
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        assert "truncated" not in ds.attrs["history"]
+        for name in COMPARED:
+            np.testing.assert_array_equal(ds[name].values, reference[name], name)

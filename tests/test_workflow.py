@@ -87,9 +87,18 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (results / "demo" / "benchmarks" / "train" / "width_regime").is_dir()
     assert not any((results / "demo" / "work").rglob("*.h5"))
 
-    # a second run has nothing to do
+    # a second run has nothing to do, also with another checkpoint interval
     again = snakemake(tmp_path, "--cores", "2", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+    interval = "checkpoint_seconds=5"
+    again = snakemake(tmp_path, "--cores", "2", "-n", "--config", interval)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # an experiment without a summary figure says so
+    target = "results/demo/figures/width_regime-summary.png"
+    result = snakemake(tmp_path, "--cores", "1", "-n", target, timeout=120)
+    assert result.returncode != 0
+    assert "'width_regime' has no summary figure" in result.stdout + result.stderr
 
 
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path):
@@ -144,3 +153,9 @@ def test_ntkcl_train_leaves_a_finished_archive_alone(tmp_path, monkeypatch, caps
     assert cli.main([*args, "--out", str(out)]) == 0
     assert "exists (complete); nothing to do" in capsys.readouterr().out
     assert out.stat().st_mtime_ns == written
+
+    assert cli.main([*args, "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the archive's file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--threads", "0"])
+    assert "0 is not a positive number" in capsys.readouterr().err

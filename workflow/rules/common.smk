@@ -17,7 +17,6 @@ except ntkcl_config.ConfigError as error:
 
 SCALE = ntkcl_config.workflow_setting(config, "scale")
 ONLY = ntkcl_config.workflow_setting(config, "only")
-CHECKPOINT_SECONDS = ntkcl_config.workflow_setting(config, "checkpoint_seconds")
 RUNS = {scale: ntkcl_config.expand_runs(config, scale) for scale in ntkcl_config.SCALES}
 
 
@@ -121,7 +120,14 @@ def figure_caption(wildcards):
 
 
 def summary_x(wildcards):
-    return figure_settings(wildcards.experiment)["summary"]
+    summary = figure_settings(wildcards.experiment).get("summary")
+    if not summary:
+        raise WorkflowError(
+            f"Experiment {wildcards.experiment!r} has no summary figure (its "
+            "`figure.summary` is not set); its figure is "
+            f"results/{wildcards.scale}/figures/{wildcards.experiment}.png."
+        )
+    return summary
 
 
 def summary_caption(wildcards):
@@ -136,6 +142,13 @@ def summary_caption(wildcards):
 
 def has_summary(experiment):
     return bool(figure_settings(experiment).get("summary"))
+
+
+for _name in ONLY:
+    if _name not in RUNS[SCALE]:  # e.g. no demo version: say so, do not run nothing
+        raise WorkflowError(
+            f"only: {ntkcl_config.unknown_experiment(config, SCALE, _name)}"
+        )
 
 
 def selected_experiments(scale):

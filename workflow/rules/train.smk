@@ -26,6 +26,5 @@ rule train:
         work_dir=lambda wildcards: (
             f"results/{wildcards.scale}/work/{wildcards.experiment}/{wildcards.run}"
         ),
-        checkpoint_seconds=CHECKPOINT_SECONDS,
     script:
         "../scripts/ntkcl_rule.py"
