@@ -209,11 +209,7 @@ def _runs(args) -> dict:
     cfg = config.load_config(args.config)
     scale = args.scale or config.workflow_setting(cfg, "scale")
     runs = config.expand_runs(cfg, scale)
-    only = config.workflow_setting(cfg, "only")
-    for name in only:
-        if name not in runs:
-            raise ValueError(f"only: {config.unknown_experiment(cfg, scale, name)}")
-    return {name: items for name, items in runs.items() if not only or name in only}
+    return {name: runs[name] for name in config.select_experiments(cfg, runs, scale)}
 
 
 def _cmd_check_config(args) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -54,7 +55,9 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every problem found."""
 
 
+@functools.cache
 def load_schema() -> dict:
+    """The config schema, read once (callers must not modify it)."""
     with open(SCHEMA_PATH) as f:
         return yaml.safe_load(f)
 
@@ -311,6 +314,20 @@ def unknown_experiment(config: dict, scale: str, experiment: str) -> str:
     close = difflib.get_close_matches(experiment, names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"No experiment {experiment!r} in the config; have {names}.{hint}"
+
+
+def select_experiments(config: dict, runs: dict, scale: str) -> list[str]:
+    """The experiments of ``runs`` (:func:`expand_runs` at ``scale``) to run: those
+    that the top-level ``only`` names, or all when it is empty.
+
+    Raises:
+        ConfigError: ``only`` names an experiment without runs at ``scale``.
+    """
+    only = workflow_setting(config, "only")
+    for name in only:
+        if name not in runs:
+            raise ConfigError(f"only: {unknown_experiment(config, scale, name)}")
+    return [name for name in runs if not only or name in only]
 
 
 def find_run(config: dict, scale: str, experiment: str, run_id: str) -> dict:

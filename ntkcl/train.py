@@ -150,10 +150,9 @@ def train_run(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     with _work_dir_lock(work_dir, run["run_id"]):
-        if fresh:
-            for name in ("archive.h5", "checkpoint.pt", "checkpoint.tmp"):
-                (work_dir / name).unlink(missing_ok=True)
-        return _train(run, data_path, out_path, work_dir, progress, checkpoint_interval)
+        return _train(
+            run, data_path, out_path, work_dir, progress, checkpoint_interval, fresh
+        )
 
 
 class RunLockedError(RuntimeError):
@@ -187,7 +186,9 @@ def _work_dir_lock(work_dir: Path, run_id: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _train(run, data_path, out_path, work_dir: Path, progress, checkpoint_interval):
+def _train(
+    run, data_path, out_path, work_dir: Path, progress, checkpoint_interval, fresh
+):
     work_archive = work_dir / "archive.h5"
     checkpoint_path = work_dir / "checkpoint.pt"
     device = pick_device(run["device"])
@@ -248,6 +249,9 @@ def _train(run, data_path, out_path, work_dir: Path, progress, checkpoint_interv
     # archive with a checkpoint to resume from (the archive may hold more dumps
     # than the checkpoint, or half a dump), or an archive without a checkpoint
     checkpoint_path.with_suffix(".tmp").unlink(missing_ok=True)
+    if fresh:  # asked to start again: what a killed attempt left goes
+        checkpoint_path.unlink(missing_ok=True)
+        work_archive.unlink(missing_ok=True)
     if work_archive.exists():
         try:
             finished, stored_config = archive.read_status(work_archive)

@@ -16,7 +16,6 @@ except ntkcl_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
 SCALE = ntkcl_config.workflow_setting(config, "scale")
-ONLY = ntkcl_config.workflow_setting(config, "only")
 RUNS = {scale: ntkcl_config.expand_runs(config, scale) for scale in ntkcl_config.SCALES}
 
 
@@ -144,16 +143,14 @@ def has_summary(experiment):
     return bool(figure_settings(experiment).get("summary"))
 
 
-for _name in ONLY:
-    if _name not in RUNS[SCALE]:  # e.g. no demo version: say so, do not run nothing
-        raise WorkflowError(
-            f"only: {ntkcl_config.unknown_experiment(config, SCALE, _name)}"
-        )
-
-
 def selected_experiments(scale):
-    """The experiments run at ``scale`` (demo leaves some out), or those of `only`."""
-    return [name for name in RUNS[scale] if not ONLY or name in ONLY]
+    """The experiments run at ``scale`` (demo leaves some out), or those of `only`;
+    `only` naming one without runs at the scale stops the workflow (rule all asks
+    for this when the Snakefile loads)."""
+    try:
+        return ntkcl_config.select_experiments(config, RUNS[scale], scale)
+    except ntkcl_config.ConfigError as error:
+        raise WorkflowError(str(error)) from None
 
 
 def scale_experiments(wildcards):
