@@ -87,7 +87,7 @@ class Probe:
     calls: list[list[_Call]] = field(default_factory=list)
 
 
-def _has_hooks(mod: nn.Module) -> bool:
+def has_hooks(mod: nn.Module) -> bool:
     return bool(
         mod._forward_hooks
         or mod._forward_pre_hooks
@@ -129,7 +129,7 @@ def analyse(model: nn.Module) -> tuple[list[LayerSpec], str | None]:
             return [], f"parameter {full_name!r} belongs to a layer of type {kind}"
         if pname not in ("weight", "bias"):
             return [], f"parameter {full_name!r} of a {kind} is reparametrised"
-        if _has_hooks(mod):
+        if has_hooks(mod):
             return [], f"module {mod_name!r} has hooks registered"
         if isinstance(mod, nn.Conv2d) and (
             mod.groups != 1 or mod.padding_mode != "zeros"

@@ -18,7 +18,7 @@ from torch import Tensor
 from ntkcl._ntk_analysis import Unsupported, analyse, check_probe, probe
 from ntkcl._ntk_blocks import Blocking
 from ntkcl._ntk_jacobian import Jacobian
-from ntkcl._ntk_structured import Structured
+from ntkcl._ntk_structured import Structured, chain_of, chain_probe
 
 logger = logging.getLogger("ntkcl.ntk")
 
@@ -37,6 +37,10 @@ class NTKPlan:
         num_parameters: trainable parameters (tied ones counted once).
         structured_unsupported: why the structured path does not apply to this
             network, or None when it does.
+        cotangents: how the structured path gets the cotangents at the layer
+            outputs: ``"chain"`` (propagated by hand through an ``nn.Sequential``
+            of Linear layers and elementwise activations, without autograd) or
+            ``"autograd"`` (a batched backward pass); None on the jacobian path.
         flops: estimated floating-point operations per implementation (None for
             ``structured`` when it does not apply).
         examples_per_block: examples per block when factors are computed.
@@ -57,6 +61,7 @@ class NTKPlan:
     num_logits: int
     num_parameters: int
     structured_unsupported: str | None
+    cotangents: str | None
     flops: dict[str, float | None]
     examples_per_block: int
     logits_per_block: int
@@ -65,12 +70,19 @@ class NTKPlan:
     estimated_peak_bytes: int
     output_bytes: int
 
+    @property
+    def method(self) -> str:
+        """The path, and on the structured one where the cotangents come from:
+        ``"structured, chain cotangents"``."""
+        how = f", {self.cotangents} cotangents" if self.cotangents else ""
+        return self.implementation + how
+
     def describe(self) -> str:
         """One line for logs."""
         n1, n2 = self.num_examples
         mode = "cached" if self.cached else "streamed"
         return (
-            f"{self.implementation} ({self.reason}); {self.kind} kernel of "
+            f"{self.method} ({self.reason}); {self.kind} kernel of "
             f"{n1}x{n2} examples, K={self.num_logits}, {self.num_parameters} "
             f"parameters, {self.dtype}; blocks of {self.examples_per_block} examples "
             f"x {self.logits_per_block} logits x {self.parameter_groups} parameter "
@@ -213,26 +225,38 @@ def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
     return gram + max(1, len(p.groups)) * compute
 
 
+def _cotangents(provider, structured: Structured | None) -> str | None:
+    if provider is not structured:
+        return None
+    return "autograd" if structured.chain is None else "chain"
+
+
 def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     """Probe the network, size the blocks of both paths, choose one."""
     symmetric = x2 is None
     n1 = x1.shape[0]
     n2 = n1 if symmetric else x2.shape[0]
     specs, unsupported = analyse(net)
-    out, pr = probe(net, x1[:1], specs)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"model must return logits of shape (n, K); for one example it returned "
-            f"{shape}. Wrap it so that it returns a 2-D tensor."
-        )
-    del out
+    chain = chain_of(net, x1.dim()) if unsupported is None else None
+    # a chain's layer sizes say what a probe would find; anything else is probed
+    pr = None if chain is None else chain_probe(chain, specs, x1)
+    if pr is None:
+        chain = None
+        out, pr = probe(net, x1[:1], specs)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"model must return logits of shape (n, K); for one example it "
+                f"returned {shape}. Wrap it so that it returns a 2-D tensor."
+            )
+        del out
     num_logits = pr.num_logits
     structured = None
     if unsupported is None:
         try:
-            check_probe(specs, pr)
-            structured = Structured(net, specs, num_logits, pr.act_elems)
+            if chain is None:
+                check_probe(specs, pr)
+            structured = Structured(net, specs, num_logits, pr.act_elems, chain)
         except Unsupported as exc:
             unsupported = str(exc)
     num_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -303,6 +327,7 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
         num_logits=num_logits,
         num_parameters=num_params,
         structured_unsupported=unsupported,
+        cotangents=_cotangents(provider, structured),
         flops=flops,
         examples_per_block=blk.examples,
         logits_per_block=blk.logits,

@@ -11,14 +11,18 @@ the cotangent at the layer output. Hence
   unfolded patches) and their Gram; per-example gradients of a layer take
   ``b * k * (layer parameters)`` elements, bounded by the caller's blocking.
 
-For networks of flat Linear layers the cotangents of all logits come from one
-batched backward pass (``is_grads_batched``: the backward matmuls take all logits
-at once); with Conv2d layers, whose batched backward runs logit by logit anyway, one
-pass per logit is turned into per-example gradients before the next. The path is
-exact only when every trainable parameter sits in a Linear or Conv2d layer called
-once and nothing modifies a layer's input or output in place; ``_ntk_analysis``
-detects everything else, and the caller then falls back to the
-generic path.
+For a plain chain (an ``nn.Sequential`` of Linear layers, elementwise activations,
+identities and a leading Flatten: every MLP) the cotangents are propagated by hand,
+``g <- (g @ W) * act'(z)``, for all logits at once and without an autograd graph;
+the readout's cotangent at its input is its weight row, the same for every
+example. For other networks of flat Linear layers the cotangents of all logits
+come from one batched backward pass (``is_grads_batched``: the backward matmuls
+take all logits at once); with Conv2d layers, whose batched backward runs logit
+by logit anyway, one pass per logit is turned into per-example gradients before
+the next. The path is exact only when every trainable parameter sits in a Linear
+or Conv2d layer called once and nothing modifies a layer's input or output in
+place; ``_ntk_analysis`` detects everything else (a chain is exact by
+construction), and the caller then falls back to the generic path.
 """
 
 from __future__ import annotations
@@ -27,8 +31,78 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ntkcl._ntk_analysis import LayerSpec, Unsupported, check_call, record
+from ntkcl._ntk_analysis import (
+    LayerSpec,
+    Probe,
+    Unsupported,
+    check_call,
+    has_hooks,
+    record,
+)
 from ntkcl._ntk_blocks import Factor
+
+# modules a chain may hold between its Linear layers: elementwise functions (the
+# derivative of ReLU is its mask, the others' comes from autograd, once per block)
+# and modules that are the identity in eval mode
+_ELEMENTWISE = (
+    nn.CELU, nn.ELU, nn.GELU, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh,
+    nn.LeakyReLU, nn.LogSigmoid, nn.Mish, nn.ReLU, nn.ReLU6, nn.SELU, nn.SiLU,
+    nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Tanh, nn.Tanhshrink,
+)  # fmt: skip
+_IDENTITY = (nn.Identity, nn.Dropout)
+
+
+def _sequential_modules(module: nn.Module) -> list[nn.Module] | None:
+    """The modules an ``nn.Sequential`` applies, nested ones unpacked (None for a
+    module that is not a plain Sequential or has hooks)."""
+    cls = type(module)
+    plain = (
+        isinstance(module, nn.Sequential)
+        and cls.forward is nn.Sequential.forward
+        and cls.__call__ is nn.Module.__call__
+        and not has_hooks(module)
+    )
+    if not plain:
+        return None
+    mods = []
+    for child in module:
+        inner = _sequential_modules(child) if isinstance(child, nn.Sequential) else None
+        if inner is None and isinstance(child, nn.Sequential):
+            return None
+        mods += [child] if inner is None else inner
+    return mods
+
+
+def chain_of(model: nn.Module, input_dim: int) -> list[nn.Module] | None:
+    """The modules of ``model`` when it is a chain whose cotangents
+    :class:`Structured` can propagate by hand, else None.
+
+    A chain is a plain ``nn.Sequential`` (nested ones included) of ``nn.Linear``
+    layers, the elementwise activations above and identities, ending in a Linear
+    layer; the inputs of its Linear layers are flat because the examples are
+    (``input_dim == 2``) or an ``nn.Flatten()`` comes before the first of them.
+    Types must match exactly (a subclass may change ``forward``) and no module may
+    have hooks.
+    """
+    mods = _sequential_modules(model)
+    if not mods or type(mods[-1]) is not nn.Linear:
+        return None
+    flat, linear = input_dim == 2, False
+    for m in mods:
+        cls = type(m)
+        if has_hooks(m):
+            return None
+        if cls is nn.Linear:
+            if not flat:
+                return None
+            linear = True
+        elif cls is nn.Flatten:
+            if linear or (m.start_dim, m.end_dim) != (1, -1):
+                return None
+            flat = True
+        elif cls not in _ELEMENTWISE + _IDENTITY:
+            return None
+    return mods
 
 
 def _unfold(mod: nn.Conv2d, inp: Tensor) -> Tensor:
@@ -47,6 +121,35 @@ def _unfold(mod: nn.Conv2d, inp: Tensor) -> Tensor:
     return F.unfold(inp, mod.kernel_size, mod.dilation, padding, mod.stride)
 
 
+def chain_probe(chain: list[nn.Module], specs: list[LayerSpec], x: Tensor):
+    """What :func:`~ntkcl._ntk_analysis.probe` would find for a chain, without a
+    forward pass: fills the specs and returns the probe, or None when the layer
+    sizes do not fit the inputs or each other (the probe's forward then raises
+    PyTorch's own error)."""
+    spec_of = {id(s.module): s for s in specs}
+    width = x.shape[-1]  # flat examples, or a Flatten comes first (chain_of)
+    saved, grad = 0, False
+    for i, m in enumerate(chain):
+        if type(m) is nn.Flatten:
+            width = x[0].numel()
+        elif type(m) is nn.Linear:
+            if m.in_features != width:
+                return None
+            saved += width
+            width = m.out_features
+            spec = spec_of.get(id(m))
+            if spec is not None:
+                spec.called = spec.used = spec.outer = True
+                spec.in_features, spec.out_features = m.in_features, m.out_features
+                spec.positions, spec.out_numel = 1, m.out_features
+                spec.input_grad, spec.readout = grad, i == len(chain) - 1
+                grad = True
+            grad = grad or any(p.requires_grad for p in m.parameters())
+        elif type(m) in _ELEMENTWISE:
+            saved += width
+    return Probe(num_logits=width, act_elems=saved)
+
+
 class Structured:
     """Computes structured factors of blocks of examples.
 
@@ -55,14 +158,24 @@ class Structured:
         specs: checked layer specs (:func:`check_probe`).
         num_logits: K.
         act_elems: elements saved for backward per example.
+        chain: the modules of a chain (:func:`chain_of`), whose cotangents are
+            then propagated by hand, or None for autograd.
     """
 
-    def __init__(self, model, specs: list[LayerSpec], num_logits: int, act_elems: int):
+    def __init__(
+        self,
+        model,
+        specs: list[LayerSpec],
+        num_logits: int,
+        act_elems: int,
+        chain: list[nn.Module] | None = None,
+    ):
         self.model = model
         self.specs = specs
         self.num_logits = num_logits
         self.act_elems = act_elems
         self.used = [s for s in specs if s.used]
+        self.chain = chain if all(s.outer for s in self.used) else None
         self.per_logit = any(not s.outer for s in self.used)
         self.groups = [None]
         # per-example sizes of the cost model, summed over layers once
@@ -103,6 +216,8 @@ class Structured:
 
     # the factors
     def compute(self, x: Tensor, logits: slice, group=None) -> list[Factor | None]:
+        if self.chain is not None:
+            return self._chain_factors(x, logits)
         b = x.shape[0]
         out, calls = record(self.model, self.specs, x)
         if not isinstance(out, Tensor) or tuple(out.shape) != (b, self.num_logits):
@@ -146,6 +261,70 @@ class Structured:
                 for t, g in zip(terms, grads, strict=True):
                     t.add(slice(a, a + 1), None if g is None else g.unsqueeze(0))
         return [f for t in terms for f in t.factors()]
+
+    def _chain_factors(self, x: Tensor, logits: slice) -> list[Factor]:
+        """The factors of a chain, example-major ``(b, k, out)``, by hand."""
+        b, k = x.shape[0], logits.stop - logits.start
+        spec_of = {id(s.module): s for s in self.used}
+        lowest = min(i for i, m in enumerate(self.chain) if id(m) in spec_of)
+        # forward: each Linear's input, the derivative of each activation above
+        # the lowest trainable layer
+        saved: list[Tensor | None] = []
+        h = x
+        with torch.no_grad():
+            for i, m in enumerate(self.chain):
+                cls = type(m)
+                saved.append(h if cls is nn.Linear else None)
+                if i < lowest or cls not in _ELEMENTWISE:
+                    h = m(h)
+                elif cls is nn.ReLU:
+                    saved[-1] = (h > 0).to(h.dtype)
+                    h = m(h)
+                else:
+                    with torch.enable_grad():
+                        z = h.detach().requires_grad_()
+                        y = m(z.clone() if getattr(m, "inplace", False) else z)
+                        (saved[-1],) = torch.autograd.grad(y, z, torch.ones_like(y))
+                    h = y.detach()
+        if tuple(h.shape) != (b, self.num_logits):
+            raise Unsupported("the output shape changed between blocks")
+
+        # backward: g is the cotangent (b, k, features) at the current module's
+        # output; at the logits it is one-hot, below the readout its weight rows
+        factors: dict[int, Factor] = {}
+        top = len(self.chain) - 1
+        g, owned = None, False
+        with torch.no_grad():
+            for i in range(top, lowest - 1, -1):
+                m, keep = self.chain[i], saved[i]
+                if type(m) is nn.Linear:
+                    spec = spec_of.get(id(m))
+                    if spec is not None:
+                        factors[id(m)] = _chain_factor(spec, g, keep, logits, b)
+                    if i == lowest:
+                        break
+                    if g is None:  # a view, copied by the first product
+                        g = m.weight[logits].unsqueeze(0).expand(b, k, -1)
+                        owned = False
+                    else:
+                        g, owned = torch.matmul(g, m.weight), True
+                elif keep is not None:
+                    keep = keep.unsqueeze(1)
+                    g, owned = (g.mul_(keep) if owned else g * keep), True
+        return [factors[id(s.module)] for s in self.used]
+
+
+def _chain_factor(spec: LayerSpec, g, inputs, logits: slice, b: int) -> Factor:
+    """One Linear layer's factor in a chain (``g`` None: the readout's one-hot)."""
+    inputs = inputs if spec.weight else None
+    ones = spec.bias and inputs is not None
+    if g is None:
+        k = logits.stop - logits.start
+        w = spec.module.weight
+        eye = torch.eye(spec.out_features, dtype=w.dtype, device=w.device)
+        onehot = eye[logits].unsqueeze(0).expand(b, k, -1)
+        return Factor(onehot, inputs, False, logits.start, ones)
+    return Factor(g, inputs, False, None, ones)
 
 
 class _Terms:

@@ -320,7 +320,7 @@ def _train(
                 source=f"ntkcl {__version__}",
             ),
             kernel_attrs=dict(
-                implementation=f"{plan.implementation} ({plan.reason})",
+                implementation=f"{plan.method} ({plan.reason})",
                 requested_implementation=run["ntk"]["implementation"],
                 compute_dtype=run["ntk"]["dtype"],
                 num_parameters=plan.num_parameters,

@@ -88,6 +88,44 @@ class ResidualNet(nn.Module):
         return self.out(h)
 
 
+class Wrapped(nn.Module):
+    """A module that only calls its inner network: not an nn.Sequential, so the
+    structured path takes its cotangents from autograd instead of a chain."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class ReversedSequential(nn.Sequential):
+    """An nn.Sequential subclass whose forward is not Sequential's: no chain."""
+
+    def forward(self, x):
+        return super().forward(x.flip(-1))
+
+
+def chain_mix():
+    """Every kind of module a chain may hold, frozen layers included."""
+    frozen = nn.Linear(6, 6)
+    frozen.requires_grad_(False)
+    return nn.Sequential(
+        nn.Tanh(),  # before the Flatten: applied, never differentiated
+        nn.Flatten(),
+        nn.Linear(2 * 8 * 8, 7),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Dropout(0.5),  # the identity in eval mode
+        nn.Linear(7, 6, bias=False),  # two Linear layers in a row
+        nn.Linear(6, 6),
+        nn.Identity(),
+        nn.Sequential(nn.Softplus(), frozen, nn.ELU()),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 3),
+    )
+
+
 def mlp(activation, bias=True):
     return nn.Sequential(
         nn.Linear(5, 7, bias=bias),
@@ -126,6 +164,9 @@ NETWORKS = {
     "mlp-relu": lambda: mlp(nn.ReLU()),
     "mlp-tanh-nobias": lambda: mlp(nn.Tanh(), bias=False),
     "mlp-gelu": lambda: mlp(nn.GELU()),
+    "mlp-relu-autograd": lambda: Wrapped(mlp(nn.ReLU())),
+    "mlp-subclass": lambda: ReversedSequential(*mlp(nn.SiLU())),
+    "image-chain-mix": chain_mix,
     "cnn-stride-maxpool": cnn_max,
     "cnn-dilation-avgpool": cnn_avg,
     "sequence-linear": SequenceNet,
@@ -135,7 +176,7 @@ NETWORKS = {
 
 def inputs(name, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    shape = (n, 2, 8, 8) if name.startswith("cnn") else (n, 5)
+    shape = (n, 2, 8, 8) if name.startswith(("cnn", "image")) else (n, 5)
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
@@ -181,6 +222,33 @@ def test_auto_takes_the_structured_path(name):
     assert plan.implementation == "structured", plan.reason
     assert plan.structured_unsupported is None
     assert plan.flops["structured"] <= plan.flops["jacobian"]
+
+
+COTANGENTS = {
+    "mlp-relu": "chain",
+    "mlp-tanh-nobias": "chain",
+    "mlp-gelu": "chain",
+    "image-chain-mix": "chain",
+    "mlp-relu-autograd": "autograd",
+    "mlp-subclass": "autograd",
+    "cnn-stride-maxpool": "autograd",
+}
+
+
+@pytest.mark.parametrize("name", list(COTANGENTS))
+def test_plain_sequential_mlps_propagate_cotangents_by_hand(name, caplog):
+    net, x = network(name), inputs(name, 4, 1)
+    assert plan_ntk(net, x).cotangents == COTANGENTS[name]
+    with caplog.at_level(logging.DEBUG, logger="ntkcl.ntk"):
+        empirical_ntk(net, x)
+    assert f"structured, {COTANGENTS[name]} cotangents" in caplog.text
+    assert plan_ntk(net, x, implementation="jacobian").cotangents is None
+
+
+def test_a_chain_that_does_not_fit_its_inputs_raises_torchs_error():
+    net = mlp(nn.ReLU()).double()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        empirical_ntk(net, torch.randn(3, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["mlp-relu", "cnn-stride-maxpool"])
@@ -273,8 +341,10 @@ UNSUPPORTED = {
     ),
     "tied-parameter": (lambda: TiedNet(share_parameter=True), "same tensor"),
     "module-called-twice": (lambda: TiedNet(share_parameter=False), "called 2 times"),
-    "inplace-relu": (
-        lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)),
+    "inplace-relu": (  # in a plain Sequential the chain handles it (see NETWORKS)
+        lambda: Wrapped(
+            nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+        ),
         "in place",
     ),
     "functional-use": (FunctionalUseNet, "more than once"),
@@ -347,19 +417,27 @@ def test_a_change_after_the_probe_falls_back_too(caplog):
         empirical_ntk(net, x, implementation="structured")
 
 
-@pytest.mark.parametrize("frozen", ["layer", "weight", "bias", "readout-weight"])
-def test_frozen_parameters_are_excluded(frozen):
-    net, x = network("mlp-relu"), inputs("mlp-relu", 4, 1)
-    if frozen == "layer":
+@pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
+@pytest.mark.parametrize(
+    "frozen", ["layer", "weight", "bias", "readout-weight", "all-but-readout-bias"]
+)
+def test_frozen_parameters_are_excluded(frozen, name):
+    wrapped, x = network(name), inputs(name, 4, 1)
+    net = getattr(wrapped, "inner", wrapped)
+    if frozen == "all-but-readout-bias":
+        net.requires_grad_(False)
+        net[4].bias.requires_grad_(True)
+    elif frozen == "layer":
         net[2].requires_grad_(False)
     elif frozen == "readout-weight":
         net[4].weight.requires_grad_(False)
     else:
         getattr(net[0], frozen).requires_grad_(False)
-    assert plan_ntk(net, x).implementation == "structured"
+    assert plan_ntk(wrapped, x).implementation == "structured"
+    expected = reference(wrapped, x)
     for path in PATHS:
-        got = empirical_ntk(net, x, kind="full", implementation=path)
-        assert_close(got, reference(net, x))
+        got = empirical_ntk(wrapped, x, kind="full", implementation=path)
+        assert_close(got, expected)
 
 
 def test_grouped_conv2d_falls_back():
