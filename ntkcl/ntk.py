@@ -17,7 +17,9 @@ Two exact implementations:
   trainable affine parameters). Per layer it multiplies a Gram of the layer inputs
   by a Gram of the cotangents at its outputs (Conv2d and Linear layers on
   sequences: a Gram of per-example gradients built from unfolded patches). It never
-  forms a Jacobian with respect to all parameters.
+  forms a Jacobian with respect to all parameters. The cotangents of all logits come
+  from one batched autograd backward pass or, for a plain ``nn.Sequential`` of
+  Linear layers and elementwise activations (an MLP), are propagated by hand.
 * ``jacobian``, for anything else: per-example Jacobians from ``torch.func``
   (``vmap`` over ``jacrev``) and their Gram, processed in blocks of examples, logits
   and parameters.
