@@ -262,7 +262,7 @@ def check_probe(specs: list[LayerSpec], pr: Probe) -> None:
             spec.out_features = mod.out_channels
             spec.positions = call.out.shape[-1] * call.out.shape[-2]
         else:
-            spec.in_features, spec.out_features = mod.in_features, mod.out_features
+            spec.out_features, spec.in_features = mod.weight.shape
             spec.positions = call.inp[0].numel() // mod.in_features
             spec.outer = call.inp.dim() == 2
         spec.out_numel = call.out[0].numel()

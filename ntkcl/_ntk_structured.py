@@ -124,24 +124,37 @@ def _unfold(mod: nn.Conv2d, inp: Tensor) -> Tensor:
 def chain_probe(chain: list[nn.Module], specs: list[LayerSpec], x: Tensor):
     """What :func:`~ntkcl._ntk_analysis.probe` would find for a chain, without a
     forward pass: fills the specs and returns the probe, or None when the layer
-    sizes do not fit the inputs or each other (the probe's forward then raises
-    PyTorch's own error)."""
+    sizes do not fit each other (the probe's forward then raises PyTorch's own
+    error).
+
+    Raises:
+        ValueError: the examples do not fit the first Linear layer.
+    """
     spec_of = {id(s.module): s for s in specs}
     width = x.shape[-1]  # flat examples, or a Flatten comes first (chain_of)
-    saved, grad = 0, False
+    saved, grad, first = 0, False, True
     for i, m in enumerate(chain):
         if type(m) is nn.Flatten:
             width = x[0].numel()
         elif type(m) is nn.Linear:
-            if m.in_features != width:
+            out_features, in_features = m.weight.shape
+            if in_features != width and first:
+                raise ValueError(
+                    f"the model's first Linear layer takes {in_features} features "
+                    f"per example, but an example of x1 (shape "
+                    f"{tuple(x.shape[1:])}) has {width}; pass inputs of shape "
+                    f"(n, {in_features}) or the network that fits them."
+                )
+            if in_features != width:
                 return None
+            first = False
             saved += width
-            width = m.out_features
+            width = out_features
             spec = spec_of.get(id(m))
             if spec is not None:
                 spec.called = spec.used = spec.outer = True
-                spec.in_features, spec.out_features = m.in_features, m.out_features
-                spec.positions, spec.out_numel = 1, m.out_features
+                spec.in_features, spec.out_features = in_features, out_features
+                spec.positions, spec.out_numel = 1, out_features
                 spec.input_grad, spec.readout = grad, i == len(chain) - 1
                 grad = True
             grad = grad or any(p.requires_grad for p in m.parameters())
@@ -265,6 +278,8 @@ class Structured:
     def _chain_factors(self, x: Tensor, logits: slice) -> list[Factor]:
         """The factors of a chain, example-major ``(b, k, out)``, by hand."""
         b, k = x.shape[0], logits.stop - logits.start
+        if not self.used:  # nothing trainable: the kernel is zero
+            return []
         spec_of = {id(s.module): s for s in self.used}
         lowest = min(i for i, m in enumerate(self.chain) if id(m) in spec_of)
         # forward: each Linear's input, the derivative of each activation above

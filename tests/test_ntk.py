@@ -245,10 +245,28 @@ def test_plain_sequential_mlps_propagate_cotangents_by_hand(name, caplog):
     assert plan_ntk(net, x, implementation="jacobian").cotangents is None
 
 
-def test_a_chain_that_does_not_fit_its_inputs_raises_torchs_error():
+def test_inputs_that_do_not_fit_a_chain_are_named():
     net = mlp(nn.ReLU()).double()
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+    with pytest.raises(ValueError, match=r"takes 5 features .* has 4; pass inputs"):
         empirical_ntk(net, torch.randn(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
+def test_nothing_trainable_gives_a_zero_kernel(name):
+    net, x = network(name), inputs(name, 4, 1)
+    net.requires_grad_(False)
+    for kind in KINDS:
+        assert not empirical_ntk(net, x, kind=kind).any()
+
+
+@pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
+def test_a_readout_whose_weight_was_replaced(name):
+    # the layer's in/out_features attributes go stale; its weight's shape counts
+    net, x = network(name), inputs(name, 4, 1)
+    head = getattr(net, "inner", net)[4]
+    head.weight = nn.Parameter(torch.randn(2, 6, dtype=torch.float64))
+    head.bias = nn.Parameter(torch.randn(2, dtype=torch.float64))
+    assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
 
 
 @pytest.mark.parametrize("name", ["mlp-relu", "cnn-stride-maxpool"])
