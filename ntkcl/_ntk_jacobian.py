@@ -4,10 +4,18 @@ Exact for any network whose examples are independent in eval mode: per-example,
 per-logit Jacobians ``vmap(jacrev(...))`` with respect to one group of trainable
 parameters at a time, then their Gram. Tied parameters count once (torch.func ties
 them), frozen parameters and buffers are constants.
+
+``jacrev`` batches the logits' cotangents with a second ``vmap`` inside the one over
+examples. Some of PyTorch's batching rules get that nesting wrong: PReLU's backward
+(PyTorch 2.14) raises when the two batch sizes differ and returns wrong values when
+they are equal. :meth:`Jacobian.check` compares the nested Jacobians of a few
+examples with ones taken logit by logit (one level of ``vmap``) and, where they
+disagree, every block is then computed logit by logit.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -37,6 +45,7 @@ class Jacobian:
         }
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.groups: list[tuple[str, ...]] = [tuple(self.params)] if self.params else []
+        self.logit_by_logit = False  # set by check()
 
     def split(self, max_params: int) -> None:
         """Cut the parameters into groups of at most ``max_params`` (one tensor each
@@ -76,17 +85,55 @@ class Jacobian:
 
     # the factors
     def compute(self, x: Tensor, logits: slice, group) -> list[Factor]:
+        jac = self._jacobians(x, logits, group, self.logit_by_logit)
+        b, k = x.shape[0], logits.stop - logits.start
+        return [Factor(jac[n].reshape(b, k, -1)) for n in group]
+
+    def _jacobians(self, x, logits: slice, group, logit_by_logit: bool):
         constants = {n: t for n, t in self.params.items() if n not in group}
         model = self.model
+        # chunk_size=1: jacrev loops over the logits instead of a nested vmap
+        chunk = 1 if logit_by_logit else None
 
         def logits_of(params, example):
             out = functional_call(model, (params, constants), (example.unsqueeze(0),))
             return out[0, logits]
 
         def per_example(params, example):
-            return jacrev(logits_of)(params, example)
+            return jacrev(logits_of, chunk_size=chunk)(params, example)
 
         variables = {n: self.params[n] for n in group}
-        jac = vmap(per_example, in_dims=(None, 0))(variables, x)
-        b, k = x.shape[0], logits.stop - logits.start
-        return [Factor(jac[n].reshape(b, k, -1)) for n in group]
+        return vmap(per_example, in_dims=(None, 0))(variables, x)
+
+    def check(self, x: Tensor, logits: slice) -> str | None:
+        """Compare, for every parameter group, the nested-vmap Jacobians of the
+        examples ``x`` and ``logits`` with those taken logit by logit; at the first
+        failure or disagreement set :attr:`logit_by_logit` and return why.
+
+        Pass at least two examples and a number of logits that differs from it:
+        a batching rule that confuses the two batch dimensions then raises or
+        gives wrong values, where equal or unit sizes could hide it.
+        """
+        for group in self.groups:
+            try:
+                nested = self._jacobians(x, logits, group, False)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (any failure of the nesting)
+                why = f"{type(exc).__name__}: {exc}"
+            else:
+                single = self._jacobians(x, logits, group, True)
+                wrong = [n for n in group if not _agree(nested[n], single[n])]
+                if not wrong:
+                    continue
+                why = f"the Jacobian of {wrong[0]!r} differs"
+            self.logit_by_logit = True
+            return why
+        return None
+
+
+def _agree(actual: Tensor, expected: Tensor) -> bool:
+    """Equal up to rounding (relative to the largest entry)."""
+    tol = 1000 * torch.finfo(expected.dtype).eps
+    scale = expected.nan_to_num(0.0, 0.0, 0.0).abs().max()
+    return torch.allclose(actual, expected, rtol=0.0, atol=tol * scale, equal_nan=True)

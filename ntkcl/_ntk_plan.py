@@ -37,10 +37,13 @@ class NTKPlan:
         num_parameters: trainable parameters (tied ones counted once).
         structured_unsupported: why the structured path does not apply to this
             network, or None when it does.
-        cotangents: how the structured path gets the cotangents at the layer
-            outputs: ``"chain"`` (propagated by hand through an ``nn.Sequential``
-            of Linear layers and elementwise activations, without autograd) or
-            ``"autograd"`` (a batched backward pass); None on the jacobian path.
+        cotangents: how the path gets the cotangents at the layer outputs. On
+            the structured path ``"chain"`` (propagated by hand through an
+            ``nn.Sequential`` of Linear layers and elementwise activations,
+            without autograd) or ``"autograd"`` (a batched backward pass); on the
+            jacobian path ``"vmap"`` (all logits of a block batched, inside the
+            vmap over examples) or ``"logit-by-logit"``, where a check on a few
+            examples found torch.func's nested vmap wrong for this network.
         flops: estimated floating-point operations per implementation (None for
             ``structured`` when it does not apply).
         examples_per_block: examples per block when factors are computed.
@@ -61,7 +64,7 @@ class NTKPlan:
     num_logits: int
     num_parameters: int
     structured_unsupported: str | None
-    cotangents: str | None
+    cotangents: str
     flops: dict[str, float | None]
     examples_per_block: int
     logits_per_block: int
@@ -72,10 +75,9 @@ class NTKPlan:
 
     @property
     def method(self) -> str:
-        """The path, and on the structured one where the cotangents come from:
+        """The path and where its cotangents come from, e.g.
         ``"structured, chain cotangents"``."""
-        how = f", {self.cotangents} cotangents" if self.cotangents else ""
-        return self.implementation + how
+        return f"{self.implementation}, {self.cotangents} cotangents"
 
     def describe(self) -> str:
         """One line for logs."""
@@ -225,10 +227,21 @@ def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
     return gram + max(1, len(p.groups)) * compute
 
 
-def _cotangents(provider, structured: Structured | None) -> str | None:
+def _cotangents(provider, structured: Structured | None) -> str:
     if provider is not structured:
-        return None
+        return "logit-by-logit" if provider.logit_by_logit else "vmap"
     return "autograd" if structured.chain is None else "chain"
+
+
+def _check_sample(x1: Tensor, x2: Tensor | None, blk: Blocking):
+    """Examples and logits for :meth:`Jacobian.check`: at most as many as one
+    block holds, and, where the block allows, two sizes that differ and exceed 1."""
+    b = min(3, blk.examples)
+    k = min(2, blk.logits)
+    if b == k > 1:
+        k = 1
+    x = x1 if x2 is None or x1.shape[0] >= b else torch.cat([x1, x2])
+    return x[:b], slice(0, k)
 
 
 def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
@@ -303,6 +316,10 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
             f"estimated {flops['jacobian']:.3g} flop against {flops['structured']:.3g}"
         )
     provider, blk = candidates[choice]
+    if provider is jacobian and jacobian.groups:
+        why = jacobian.check(*_check_sample(x1, x2, blk))
+        if why:
+            logger.debug("torch.func's nested vmap is wrong here (%s)", why)
     group = None
     if provider is jacobian and jacobian.groups:
         group = max(jacobian.groups, key=jacobian.group_params)

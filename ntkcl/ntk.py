@@ -22,7 +22,9 @@ Two exact implementations:
   Linear layers and elementwise activations (an MLP), are propagated by hand.
 * ``jacobian``, for anything else: per-example Jacobians from ``torch.func``
   (``vmap`` over ``jacrev``) and their Gram, processed in blocks of examples, logits
-  and parameters.
+  and parameters. A check on a few examples compares them with Jacobians taken one
+  logit at a time; where PyTorch's batching rules get the nested ``vmap`` wrong
+  (PReLU) every block is taken that way (slower, shown in :attr:`NTKPlan.method`).
 
 The structured path refuses, and ``auto`` then takes ``jacobian``, whenever it could
 be wrong: a trainable parameter outside Linear/Conv2d (norm layers, embeddings,
@@ -141,7 +143,9 @@ def plan_ntk(
 ) -> NTKPlan:
     """The plan :func:`empirical_ntk` would follow for these arguments.
 
-    Runs one forward pass on one example of ``x1`` (in eval mode, restored after).
+    Runs one forward pass on one example of ``x1`` (in eval mode, restored after)
+    and, on the jacobian path, the Jacobians of up to 3 examples (the check of
+    torch.func's nested vmap).
     Arguments as for :func:`empirical_ntk`.
 
     Returns:
