@@ -96,6 +96,12 @@ def has_hooks(mod: nn.Module) -> bool:
     )
 
 
+def replaced_forward(mod: nn.Module) -> bool:
+    """Whether ``forward`` was assigned on the instance (a patch that the type
+    check cannot see)."""
+    return "forward" in vars(mod)
+
+
 def _global_hooks() -> bool:
     names = ("_global_forward_hooks", "_global_forward_pre_hooks")
     names += ("_global_backward_hooks", "_global_backward_pre_hooks")
@@ -131,6 +137,8 @@ def analyse(model: nn.Module) -> tuple[list[LayerSpec], str | None]:
             return [], f"parameter {full_name!r} of a {kind} is reparametrised"
         if has_hooks(mod):
             return [], f"module {mod_name!r} has hooks registered"
+        if replaced_forward(mod):
+            return [], f"module {mod_name!r} has its forward replaced on the instance"
         if isinstance(mod, nn.Conv2d) and (
             mod.groups != 1 or mod.padding_mode != "zeros"
         ):

@@ -1,9 +1,11 @@
 """Tests of ntkcl.ntk against a brute-force per-example autograd Jacobian."""
 
 import logging
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntkcl.ntk import empirical_ntk, plan_ntk
@@ -126,6 +128,19 @@ def chain_mix():
     )
 
 
+def patched(module: nn.Module, forward) -> nn.Module:
+    """``module`` with ``forward`` replaced on the instance, as some libraries do."""
+    module.forward = types.MethodType(forward, module)
+    return module
+
+
+def mlp_patched_activation():
+    """A chain whose activation computes something else than its type says."""
+    net = mlp(nn.ReLU())  # a chain would use ReLU's mask as the derivative
+    patched(net[1], lambda self, t: torch.sin(t))
+    return net
+
+
 def mlp(activation, bias=True):
     return nn.Sequential(
         nn.Linear(5, 7, bias=bias),
@@ -167,6 +182,7 @@ NETWORKS = {
     "mlp-relu-autograd": lambda: Wrapped(mlp(nn.ReLU())),
     "mlp-subclass": lambda: ReversedSequential(*mlp(nn.SiLU())),
     "image-chain-mix": chain_mix,
+    "mlp-patched-activation": mlp_patched_activation,
     "cnn-stride-maxpool": cnn_max,
     "cnn-dilation-avgpool": cnn_avg,
     "sequence-linear": SequenceNet,
@@ -231,6 +247,7 @@ COTANGENTS = {
     "image-chain-mix": "chain",
     "mlp-relu-autograd": "autograd",
     "mlp-subclass": "autograd",
+    "mlp-patched-activation": "autograd",
     "cnn-stride-maxpool": "autograd",
 }
 
@@ -370,6 +387,14 @@ UNSUPPORTED = {
     "prelu": (  # torch.func's nested vmap is wrong here: see the test below
         lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 3)),
         "PReLU",
+    ),
+    "patched-forward": (  # the readout scales its weight: not what Linear does
+        lambda: nn.Sequential(
+            nn.Linear(5, 6),
+            nn.Tanh(),
+            patched(nn.Linear(6, 3), lambda self, t: F.linear(t, 2 * self.weight)),
+        ),
+        "forward replaced",
     ),
     "conv1d": (
         lambda: nn.Sequential(
