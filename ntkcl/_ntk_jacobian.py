@@ -8,9 +8,11 @@ them), frozen parameters and buffers are constants.
 ``jacrev`` batches the logits' cotangents with a second ``vmap`` inside the one over
 examples. Some of PyTorch's batching rules get that nesting wrong: PReLU's backward
 (PyTorch 2.14) raises when the two batch sizes differ and returns wrong values when
-they are equal. :meth:`Jacobian.check` compares the nested Jacobians of a few
-examples with ones taken logit by logit (one level of ``vmap``) and, where they
-disagree, every block is then computed logit by logit.
+they are equal. Others fail under any ``vmap`` (RNN modules, full backward hooks,
+RReLU). :meth:`Jacobian.check` compares each way of taking the Jacobians of a few
+examples with plain autograd and keeps the fastest that agrees: the nested ``vmap``,
+one logit at a time (one level of ``vmap``), or autograd example by example and logit
+by logit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from ntkcl._ntk_blocks import Factor
+
+# the ways of taking per-example Jacobians, fastest first; the last is the reference
+MODES = ("vmap", "logit-by-logit", "per-example autograd")
 
 
 class Jacobian:
@@ -45,7 +50,7 @@ class Jacobian:
         }
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.groups: list[tuple[str, ...]] = [tuple(self.params)] if self.params else []
-        self.logit_by_logit = False  # set by check()
+        self.mode = MODES[0]  # how Jacobians are taken; check() may change it
 
     def split(self, max_params: int) -> None:
         """Cut the parameters into groups of at most ``max_params`` (one tensor each
@@ -85,19 +90,23 @@ class Jacobian:
 
     # the factors
     def compute(self, x: Tensor, logits: slice, group) -> list[Factor]:
-        jac = self._jacobians(x, logits, group, self.logit_by_logit)
+        jac = self._jacobians(x, logits, group, self.mode)
         b, k = x.shape[0], logits.stop - logits.start
         return [Factor(jac[n].reshape(b, k, -1)) for n in group]
 
-    def _jacobians(self, x, logits: slice, group, logit_by_logit: bool):
+    def _jacobians(self, x, logits: slice, group, mode: str) -> dict[str, Tensor]:
+        """``{name: (b, k, *shape)}`` Jacobians of the group's parameters."""
         constants = {n: t for n, t in self.params.items() if n not in group}
         model = self.model
-        # chunk_size=1: jacrev loops over the logits instead of a nested vmap
-        chunk = 1 if logit_by_logit else None
 
         def logits_of(params, example):
             out = functional_call(model, (params, constants), (example.unsqueeze(0),))
             return out[0, logits]
+
+        if mode == MODES[-1]:
+            return _autograd_jacobians(logits_of, self.params, group, x)
+        # chunk_size=1: jacrev loops over the logits instead of a nested vmap
+        chunk = 1 if mode == "logit-by-logit" else None
 
         def per_example(params, example):
             return jacrev(logits_of, chunk_size=chunk)(params, example)
@@ -106,30 +115,62 @@ class Jacobian:
         return vmap(per_example, in_dims=(None, 0))(variables, x)
 
     def check(self, x: Tensor, logits: slice) -> str | None:
-        """Compare, for every parameter group, the nested-vmap Jacobians of the
-        examples ``x`` and ``logits`` with those taken logit by logit; at the first
-        failure or disagreement set :attr:`logit_by_logit` and return why.
+        """Take the Jacobians of the examples ``x`` and ``logits`` in every mode,
+        parameter group by group, against plain autograd; keep in :attr:`mode` the
+        fastest that agrees everywhere and return why faster ones were dropped.
 
         Pass at least two examples and a number of logits that differs from it:
         a batching rule that confuses the two batch dimensions then raises or
         gives wrong values, where equal or unit sizes could hide it.
+
+        Raises:
+            whatever the model raises under plain autograd.
         """
+        dropped = []
         for group in self.groups:
-            try:
-                nested = self._jacobians(x, logits, group, False)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (any failure of the nesting)
-                why = f"{type(exc).__name__}: {exc}"
-            else:
-                single = self._jacobians(x, logits, group, True)
-                wrong = [n for n in group if not _agree(nested[n], single[n])]
-                if not wrong:
+            expected = self._jacobians(x, logits, group, MODES[-1])
+            for mode in MODES[MODES.index(self.mode) : -1]:
+                try:
+                    got = self._jacobians(x, logits, group, mode)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (any failure of torch.func)
+                    dropped.append(f"{mode}: {type(exc).__name__}: {exc}")
                     continue
-                why = f"the Jacobian of {wrong[0]!r} differs"
-            self.logit_by_logit = True
-            return why
-        return None
+                wrong = [n for n in group if not _agree(got[n], expected[n])]
+                if not wrong:
+                    break
+                dropped.append(f"{mode}: the Jacobian of {wrong[0]!r} is wrong")
+            else:
+                mode = MODES[-1]
+            self.mode = mode
+        return "; ".join(dropped) or None
+
+
+def _autograd_jacobians(logits_of, params, group, x: Tensor) -> dict[str, Tensor]:
+    """Jacobians by plain autograd, one example and one logit at a time."""
+    variables = {n: params[n].detach().requires_grad_() for n in group}
+    leaves = list(variables.values())
+    rows: list[list[Tensor]] = []
+    for example in x:
+        out = logits_of(variables, example)
+        for j in range(out.shape[0]):
+            grads = [None] * len(leaves)  # the group does not reach the logits
+            if out.requires_grad:
+                grads = torch.autograd.grad(
+                    out[j], leaves, retain_graph=j + 1 < out.shape[0], allow_unused=True
+                )
+            rows.append(
+                [
+                    torch.zeros_like(v) if g is None else g
+                    for g, v in zip(grads, leaves, strict=True)
+                ]
+            )
+    b = x.shape[0]
+    return {
+        n: torch.stack([row[i] for row in rows]).reshape(b, -1, *v.shape)
+        for i, (n, v) in enumerate(variables.items())
+    }
 
 
 def _agree(actual: Tensor, expected: Tensor) -> bool:

@@ -42,8 +42,9 @@ class NTKPlan:
             ``nn.Sequential`` of Linear layers and elementwise activations,
             without autograd) or ``"autograd"`` (a batched backward pass); on the
             jacobian path ``"vmap"`` (all logits of a block batched, inside the
-            vmap over examples) or ``"logit-by-logit"``, where a check on a few
-            examples found torch.func's nested vmap wrong for this network.
+            vmap over examples), ``"logit-by-logit"`` or ``"per-example
+            autograd"`` where a check on a few examples against plain autograd
+            found torch.func's faster ways wrong or failing for this network.
         flops: estimated floating-point operations per implementation (None for
             ``structured`` when it does not apply).
         examples_per_block: examples per block when factors are computed.
@@ -229,7 +230,7 @@ def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
 
 def _cotangents(provider, structured: Structured | None) -> str:
     if provider is not structured:
-        return "logit-by-logit" if provider.logit_by_logit else "vmap"
+        return provider.mode
     return "autograd" if structured.chain is None else "chain"
 
 
@@ -319,7 +320,7 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     if provider is jacobian and jacobian.groups:
         why = jacobian.check(*_check_sample(x1, x2, blk))
         if why:
-            logger.debug("torch.func's nested vmap is wrong here (%s)", why)
+            logger.debug("jacobian path: %s; using %s", why, jacobian.mode)
     group = None
     if provider is jacobian and jacobian.groups:
         group = max(jacobian.groups, key=jacobian.group_params)

@@ -22,9 +22,11 @@ Two exact implementations:
   Linear layers and elementwise activations (an MLP), are propagated by hand.
 * ``jacobian``, for anything else: per-example Jacobians from ``torch.func``
   (``vmap`` over ``jacrev``) and their Gram, processed in blocks of examples, logits
-  and parameters. A check on a few examples compares them with Jacobians taken one
-  logit at a time; where PyTorch's batching rules get the nested ``vmap`` wrong
-  (PReLU) every block is taken that way (slower, shown in :attr:`NTKPlan.method`).
+  and parameters. A check on a few examples compares them with plain autograd;
+  where PyTorch's batching rules get the nested ``vmap`` wrong (PReLU) the blocks
+  are taken one logit at a time, and where ``vmap`` fails altogether (RNN modules,
+  full backward hooks) by autograd, example by example (slower; shown in
+  :attr:`NTKPlan.method`).
 
 The structured path refuses, and ``auto`` then takes ``jacobian``, whenever it could
 be wrong: a trainable parameter outside Linear/Conv2d (norm layers, embeddings,

@@ -192,7 +192,7 @@ NETWORKS = {
 
 def inputs(name, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    shape = (n, 2, 8, 8) if name.startswith(("cnn", "image")) else (n, 5)
+    shape = (n, 2, 8, 8) if name.startswith(("cnn", "image", "prelu-cnn")) else (n, 5)
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
@@ -431,26 +431,59 @@ def prelu_cnn():
     )
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_prelu_is_taken_logit_by_logit(name, caplog):
-    # PReLU's batching rule fails under torch.func's vmap over logits inside
-    # vmap over examples (an error when the sizes differ, wrong values when they
-    # are equal); the check finds it and the blocks go logit by logit
+class RecurrentNet(nn.Module):
+    """An RNN cell over the 5 features as a sequence: torch.func's vmap fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.RNNCell(1, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t : t + 1], h)
+        return self.head(h)
+
+
+def backward_hooked():
+    net = mlp(nn.Tanh())
+    net[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    return net
+
+
+# networks on which the jacobian path cannot use torch.func's fastest way: PReLU's
+# batching rule fails under a vmap over logits inside the vmap over examples (an
+# error when the sizes differ, wrong values when they are equal); the others fail
+# under any vmap
+JACOBIAN_MODES = {
+    "layernorm": (UNSUPPORTED["layernorm"][0], "vmap"),
+    "prelu-mlp": (UNSUPPORTED["prelu"][0], "logit-by-logit"),
+    "prelu-cnn": (prelu_cnn, "logit-by-logit"),
+    "rnn-cell": (RecurrentNet, "per-example autograd"),
+    "backward-hook": (backward_hooked, "per-example autograd"),
+    "rrelu": (lambda: mlp(nn.RReLU()), "per-example autograd"),
+}
+
+
+@pytest.mark.parametrize("name", list(JACOBIAN_MODES))
+def test_the_jacobian_path_takes_the_fastest_way_that_is_right(name, caplog):
+    factory, mode = JACOBIAN_MODES[name]
     torch.manual_seed(0)
-    factory = UNSUPPORTED["prelu"][0] if name == "mlp" else prelu_cnn
     net = factory().double()
     x1, x2 = inputs(name, 4, 1), inputs(name, 3, 2)
     with caplog.at_level(logging.DEBUG, logger="ntkcl.ntk"):
-        plan = plan_ntk(net, x1, kind="full")
-    assert plan.method == "jacobian, logit-by-logit cotangents"
-    assert "nested vmap is wrong here" in caplog.text
+        plan = plan_ntk(net, x1, kind="full", implementation="jacobian")
+    assert plan.method == f"jacobian, {mode} cotangents"
+    assert ("jacobian path: vmap: " in caplog.text) == (mode != "vmap")
     for second in (None, x2):
         expected = reference(net, x1, second)
         for kind in KINDS:
-            got = empirical_ntk(net, x1, second, kind=kind)
+            got = empirical_ntk(net, x1, second, kind=kind, implementation="jacobian")
             assert_close(got, reduce(expected, kind))
-    # 3 examples and 3 logits in one block: the sizes that gave wrong values
-    assert_close(empirical_ntk(net, x2, kind="full"), reference(net, x2))
+    # 3 examples and 3 logits in one block: the sizes that gave PReLU wrong values
+    got = empirical_ntk(net, x2, kind="full", implementation="jacobian")
+    assert_close(got, reference(net, x2))
 
 
 @pytest.mark.parametrize("path", ["auto", "jacobian"])
