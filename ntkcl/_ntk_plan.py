@@ -245,6 +245,34 @@ def _check_sample(x1: Tensor, x2: Tensor | None, blk: Blocking):
     return x[:b], slice(0, k)
 
 
+def _probe(net, x1: Tensor, specs):
+    """:func:`probe` on the first example, with errors that say what to fix."""
+    example = tuple(x1[:1].shape)
+    try:
+        out, pr = probe(net, x1[:1], specs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the model failed on the first example of x1 (a batch of shape "
+            f"{example}): {exc}. Pass x1 as a batch (n, ...) of examples shaped "
+            "as the model takes them."
+        ) from exc
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"model must return logits of shape (n, K); for one example (a batch of "
+            f"shape {example}) it returned {shape}. Wrap it so that it returns a "
+            "2-D tensor, or pass inputs shaped as it expects."
+        )
+    if not out.is_floating_point():
+        raise ValueError(
+            f"model must return floating-point logits, it returned {out.dtype}; "
+            "the NTK differentiates them (return the scores, not e.g. an argmax)."
+        )
+    return out, pr
+
+
 def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     """Probe the network, size the blocks of both paths, choose one."""
     symmetric = x2 is None
@@ -256,13 +284,7 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     pr = None if chain is None else chain_probe(chain, specs, x1)
     if pr is None:
         chain = None
-        out, pr = probe(net, x1[:1], specs)
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"model must return logits of shape (n, K); for one example it "
-                f"returned {shape}. Wrap it so that it returns a 2-D tensor."
-            )
+        out, pr = _probe(net, x1, specs)
         del out
     num_logits = pr.num_logits
     structured = None

@@ -175,8 +175,13 @@ def _validate(model, x1, x2, kind, dtype, implementation, memory_budget) -> None
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None and name == "x2":
             continue
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(x).__name__}; convert it "
+                f"with torch.as_tensor({name})."
+            )
+        if x.dim() < 1 or x.shape[0] < 1:
+            shape = tuple(x.shape)
             raise ValueError(
                 f"{name} must be a tensor of shape (n, ...) holding at least one "
                 f"example, got {shape}; add a batch axis with x.unsqueeze(0)."

@@ -709,3 +709,28 @@ def test_bad_shapes():
         empirical_ntk(net, x[:0])
     with pytest.raises(ValueError, match=r"logits of shape \(n, K\)"):
         empirical_ntk(nn.Sequential(net, nn.Flatten(0)), x)
+    with pytest.raises(TypeError, match=r"torch.Tensor, got ndarray.*as_tensor"):
+        empirical_ntk(net, x.numpy())
+
+
+class Argmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.layer(x).argmax(1, keepdim=True)
+
+
+@pytest.mark.parametrize("path", ["auto", "jacobian"])
+def test_models_that_cannot_take_the_inputs_or_give_no_logits(path):
+    mlp_net, cnn_net = network("mlp-relu"), network("cnn-stride-maxpool")
+    with pytest.raises(ValueError, match=r"failed on the first example .* \(1,\)"):
+        empirical_ntk(mlp_net, torch.randn(6, dtype=torch.float64), implementation=path)
+    flat = torch.randn(3, 128, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"failed on the first example .* \(1, 128\)"):
+        empirical_ntk(cnn_net, flat, implementation=path)
+    with pytest.raises(
+        ValueError, match="floating-point logits, it returned torch.int64"
+    ):
+        empirical_ntk(Argmax().double(), inputs("mlp", 3, 1), implementation=path)
