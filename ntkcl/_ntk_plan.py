@@ -234,6 +234,16 @@ def _cotangents(provider, structured: Structured | None) -> str:
     return "autograd" if structured.chain is None else "chain"
 
 
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` to 3 significant digits, or as many more as tell them
+    apart (nearly equal estimates of small networks)."""
+    for digits in range(3, 16):
+        texts = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if texts[0] != texts[1]:
+            break
+    return texts
+
+
 def _check_sample(x1: Tensor, x2: Tensor | None, blk: Blocking):
     """Examples and logits for :meth:`Jacobian.check`: at most as many as one
     block holds, and, where the block allows, two sizes that differ and exceed 1."""
@@ -328,15 +338,13 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     elif fits["jacobian"] and not fits["structured"]:
         choice = "jacobian"
         reason = "only jacobian, in parameter groups, fits the memory budget"
-    elif flops["structured"] <= flops["jacobian"]:
-        choice = "structured"
-        reason = (
-            f"estimated {flops['structured']:.3g} flop against {flops['jacobian']:.3g}"
-        )
     else:
-        choice = "jacobian"
-        reason = (
-            f"estimated {flops['jacobian']:.3g} flop against {flops['structured']:.3g}"
+        cheaper = flops["structured"] <= flops["jacobian"]
+        choice, other = ("structured", "jacobian")
+        if not cheaper:
+            choice, other = other, choice
+        reason = "estimated {} flop against {}".format(
+            *_distinct(flops[choice], flops[other])
         )
     provider, blk = candidates[choice]
     if provider is jacobian and jacobian.groups:

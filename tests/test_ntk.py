@@ -300,6 +300,15 @@ def test_symmetric_and_positive_semidefinite(name):
         assert torch.linalg.eigvalsh(kernel).min() >= -EXACT * kernel.abs().max()
 
 
+def test_nearly_equal_estimates_are_told_apart():
+    # a tiny network: both estimates are mostly the fixed cost of a call
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    plan = plan_ntk(net, torch.randn(3, 4))
+    first, second = plan.reason.removeprefix("estimated ").split(" flop against ")
+    assert float(first) < float(second)
+    assert float(first) == pytest.approx(plan.flops[plan.implementation], rel=1e-6)
+
+
 def test_the_chosen_path_is_logged(caplog):
     net, x = network("mlp-relu"), inputs("mlp", 3, 1)
     with caplog.at_level(logging.DEBUG, logger="ntkcl.ntk"):
