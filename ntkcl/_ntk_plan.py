@@ -347,12 +347,11 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
             *_distinct(flops[choice], flops[other])
         )
     provider, blk = candidates[choice]
+    group = None
     if provider is jacobian and jacobian.groups:
         why = jacobian.check(*_check_sample(x1, x2, blk))
         if why:
             logger.debug("jacobian path: %s; using %s", why, jacobian.mode)
-    group = None
-    if provider is jacobian and jacobian.groups:
         group = max(jacobian.groups, key=jacobian.group_params)
     peak = _peak_elems(provider, group, blk, *dims)
     if peak > budget:

@@ -32,8 +32,9 @@ The structured path refuses, and ``auto`` then takes ``jacobian``, whenever it c
 be wrong: a trainable parameter outside Linear/Conv2d (norm layers, embeddings,
 Conv1d, attention), a module or parameter used twice (tied weights), a parameter
 also used outside its layer, a Conv2d with groups > 1 or a non-zero padding mode, a
-layer with hooks, or an in-place operation that changes a layer's input or output
-after it ran (``ReLU(inplace=True)``; detected by version counters).
+layer with hooks or with ``forward`` assigned on the instance, or an in-place
+operation that changes a layer's input or output after it ran
+(``ReLU(inplace=True)``; detected by version counters).
 
 ``auto`` takes ``structured`` whenever the network qualifies and its estimated cost
 (forward, backward and Gram flops for the given n, K and kind) is lower, which in
@@ -109,9 +110,11 @@ def empirical_ntk(
         says.
 
     Raises:
+        TypeError: for a model that is not a Module or inputs that are not tensors.
         ValueError: for an unknown kind or implementation, inputs of mismatched
-            shapes, a model that does not return ``(n, K)`` logits, or
-            ``implementation="structured"`` on a network it does not cover.
+            shapes or that the model cannot take, a model that does not return
+            floating-point ``(n, K)`` logits, or ``implementation="structured"`` on
+            a network it does not cover.
 
     Warning:
         ``trace`` sums over logits; divide by K for neural-tangents' default.
@@ -146,8 +149,8 @@ def plan_ntk(
     """The plan :func:`empirical_ntk` would follow for these arguments.
 
     Runs one forward pass on one example of ``x1`` (in eval mode, restored after)
-    and, on the jacobian path, the Jacobians of up to 3 examples (the check of
-    torch.func's nested vmap).
+    and, on the jacobian path, the Jacobians of up to 3 examples (the check that
+    picks how that path takes them).
     Arguments as for :func:`empirical_ntk`.
 
     Returns:
