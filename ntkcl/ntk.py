@@ -230,6 +230,10 @@ def _as_input(x: Tensor | None, device, dtype) -> Tensor | None:
 @contextmanager
 def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
     """Eval mode (restored on exit), the compute-dtype model and inputs, grad on."""
+    # torch.compile's wrapper: the module it wraps holds the same parameters, and
+    # the engine's hooks and transforms would make dynamo recompile on every call
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     model_dtype, device = _model_dtype_device(model, x1)
     compute_dtype = dtype or model_dtype
     modes = [(m, m.training) for m in model.modules()]

@@ -612,6 +612,14 @@ def test_float64_on_a_copy_and_float32_agrees():
     assert_close(double, reference(net.double(), x.double()))
 
 
+def test_a_compiled_model_is_computed_on_the_module_it_wraps(recwarn):
+    net, x = network("mlp-relu"), inputs("mlp", 3, 1)
+    compiled = torch.compile(net, backend="eager")
+    assert plan_ntk(compiled, x).method == "structured, chain cotangents"
+    assert torch.equal(empirical_ntk(compiled, x), empirical_ntk(net, x))
+    assert not recwarn.list  # no recompilation warnings: nothing was compiled
+
+
 def test_grad_modes_of_the_caller_do_not_matter():
     net, x = network("cnn-stride-maxpool"), inputs("cnn", 3, 1)
     expected = empirical_ntk(net, x)
