@@ -9,9 +9,12 @@ them), frozen parameters and buffers are constants.
 examples. Some of PyTorch's batching rules get that nesting wrong: PReLU's backward
 (PyTorch 2.14) raises when the two batch sizes differ and returns wrong values when
 they are equal. Others fail under any ``vmap`` (RNN modules, full backward hooks,
-RReLU). :meth:`Jacobian.check` compares each way of taking the Jacobians of a few
-examples with plain autograd and keeps the fastest that agrees: the nested ``vmap``,
-one logit at a time (one level of ``vmap``), or autograd example by example and logit
+RReLU, Python control flow on tensor values), and ``functional_call`` cannot see a
+parameter that the model reaches through a reference of its own (a
+``functools.partial`` or a list holding the weight). :meth:`Jacobian.check` compares
+each way of taking the Jacobians of a few examples with plain autograd on the
+model's own parameters and keeps the fastest that agrees: the nested ``vmap``,
+``vmap`` one logit at a time, or that plain autograd, example by example and logit
 by logit.
 """
 
@@ -24,7 +27,7 @@ from torch.func import functional_call, jacrev, vmap
 from ntkcl._ntk_blocks import Factor
 
 # the ways of taking per-example Jacobians, fastest first; the last is the reference
-MODES = ("vmap", "logit-by-logit", "per-example autograd")
+MODES = ("nested vmap", "vmap logit by logit", "per-example autograd")
 
 
 class Jacobian:
@@ -45,9 +48,8 @@ class Jacobian:
         self.act_elems = act_elems
         self._forward_flops = forward_flops
         # named_parameters() lists a tied parameter once
-        self.params = {
-            n: p.detach() for n, p in model.named_parameters() if p.requires_grad
-        }
+        self.leaves = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {n: p.detach() for n, p in self.leaves.items()}
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.groups: list[tuple[str, ...]] = [tuple(self.params)] if self.params else []
         self.mode = MODES[0]  # how Jacobians are taken; check() may change it
@@ -96,6 +98,9 @@ class Jacobian:
 
     def _jacobians(self, x, logits: slice, group, mode: str) -> dict[str, Tensor]:
         """``{name: (b, k, *shape)}`` Jacobians of the group's parameters."""
+        if mode == MODES[-1]:
+            leaves = {n: self.leaves[n] for n in group}
+            return _autograd_jacobians(self.model, leaves, x, logits)
         constants = {n: t for n, t in self.params.items() if n not in group}
         model = self.model
 
@@ -103,10 +108,8 @@ class Jacobian:
             out = functional_call(model, (params, constants), (example.unsqueeze(0),))
             return out[0, logits]
 
-        if mode == MODES[-1]:
-            return _autograd_jacobians(logits_of, self.params, group, x)
         # chunk_size=1: jacrev loops over the logits instead of a nested vmap
-        chunk = 1 if mode == "logit-by-logit" else None
+        chunk = 1 if mode == "vmap logit by logit" else None
 
         def per_example(params, example):
             return jacrev(logits_of, chunk_size=chunk)(params, example)
@@ -147,29 +150,32 @@ class Jacobian:
         return "; ".join(dropped) or None
 
 
-def _autograd_jacobians(logits_of, params, group, x: Tensor) -> dict[str, Tensor]:
-    """Jacobians by plain autograd, one example and one logit at a time."""
-    variables = {n: params[n].detach().requires_grad_() for n in group}
-    leaves = list(variables.values())
+def _autograd_jacobians(model, leaves: dict[str, Tensor], x: Tensor, logits: slice):
+    """Jacobians by plain autograd on the model's own parameters ``leaves``, one
+    example and one logit at a time (``.grad`` fields are left alone)."""
+    tensors = list(leaves.values())
     rows: list[list[Tensor]] = []
-    for example in x:
-        out = logits_of(variables, example)
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1])[0, logits]
         for j in range(out.shape[0]):
-            grads = [None] * len(leaves)  # the group does not reach the logits
+            grads = [None] * len(tensors)  # the group does not reach the logits
             if out.requires_grad:
                 grads = torch.autograd.grad(
-                    out[j], leaves, retain_graph=j + 1 < out.shape[0], allow_unused=True
+                    out[j],
+                    tensors,
+                    retain_graph=j + 1 < out.shape[0],
+                    allow_unused=True,
                 )
             rows.append(
                 [
-                    torch.zeros_like(v) if g is None else g
-                    for g, v in zip(grads, leaves, strict=True)
+                    torch.zeros_like(t) if g is None else g
+                    for g, t in zip(grads, tensors, strict=True)
                 ]
             )
     b = x.shape[0]
     return {
-        n: torch.stack([row[i] for row in rows]).reshape(b, -1, *v.shape)
-        for i, (n, v) in enumerate(variables.items())
+        n: torch.stack([row[i] for row in rows]).reshape(b, -1, *t.shape)
+        for i, (n, t) in enumerate(leaves.items())
     }
 
 

@@ -37,14 +37,15 @@ class NTKPlan:
         num_parameters: trainable parameters (tied ones counted once).
         structured_unsupported: why the structured path does not apply to this
             network, or None when it does.
-        cotangents: how the path gets the cotangents at the layer outputs. On
-            the structured path ``"chain"`` (propagated by hand through an
-            ``nn.Sequential`` of Linear layers and elementwise activations,
-            without autograd) or ``"autograd"`` (a batched backward pass); on the
-            jacobian path ``"vmap"`` (all logits of a block batched, inside the
-            vmap over examples), ``"logit-by-logit"`` or ``"per-example
-            autograd"`` where a check on a few examples against plain autograd
-            found torch.func's faster ways wrong or failing for this network.
+        cotangents: how the structured path gets the cotangents at the layer
+            outputs: ``"chain"`` (propagated by hand through an ``nn.Sequential``
+            of Linear layers and elementwise activations, without autograd) or
+            ``"autograd"`` (a batched backward pass); None on the jacobian path.
+        jacobians: how the jacobian path takes per-example Jacobians:
+            ``"nested vmap"`` (torch.func, all logits of a block batched inside
+            the vmap over examples), ``"vmap logit by logit"`` or ``"per-example
+            autograd"``, the fastest that a check on a few examples against plain
+            autograd found right for this network; None on the structured path.
         flops: estimated floating-point operations per implementation (None for
             ``structured`` when it does not apply).
         examples_per_block: examples per block when factors are computed.
@@ -65,7 +66,8 @@ class NTKPlan:
     num_logits: int
     num_parameters: int
     structured_unsupported: str | None
-    cotangents: str
+    cotangents: str | None
+    jacobians: str | None
     flops: dict[str, float | None]
     examples_per_block: int
     logits_per_block: int
@@ -76,9 +78,10 @@ class NTKPlan:
 
     @property
     def method(self) -> str:
-        """The path and where its cotangents come from, e.g.
-        ``"structured, chain cotangents"``."""
-        return f"{self.implementation}, {self.cotangents} cotangents"
+        """The path and how it works, e.g. ``"structured, chain cotangents"`` or
+        ``"jacobian, nested vmap"``."""
+        how = f"{self.cotangents} cotangents" if self.cotangents else self.jacobians
+        return f"{self.implementation}, {how}"
 
     def describe(self) -> str:
         """One line for logs."""
@@ -228,9 +231,9 @@ def _flops(p, blk: Blocking, n1, n2, num_logits, kind, symmetric) -> float:
     return gram + max(1, len(p.groups)) * compute
 
 
-def _cotangents(provider, structured: Structured | None) -> str:
+def _cotangents(provider, structured: Structured | None) -> str | None:
     if provider is not structured:
-        return provider.mode
+        return None
     return "autograd" if structured.chain is None else "chain"
 
 
@@ -375,6 +378,7 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
         num_parameters=num_params,
         structured_unsupported=unsupported,
         cotangents=_cotangents(provider, structured),
+        jacobians=jacobian.mode if provider is jacobian else None,
         flops=flops,
         examples_per_block=blk.examples,
         logits_per_block=blk.logits,
