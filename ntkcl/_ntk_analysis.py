@@ -96,10 +96,11 @@ def has_hooks(mod: nn.Module) -> bool:
     )
 
 
-def replaced_forward(mod: nn.Module) -> bool:
-    """Whether ``forward`` was assigned on the instance (a patch that the type
-    check cannot see)."""
-    return "forward" in vars(mod)
+def replaced_on_instance(mod: nn.Module) -> str | None:
+    """``forward`` or a registered parameter or buffer that an attribute assigned
+    on the instance hides (a patch the type check cannot see), or None."""
+    names = ("forward", *mod._parameters, *mod._buffers)
+    return next((name for name in names if name in vars(mod)), None)
 
 
 def _global_hooks() -> bool:
@@ -137,8 +138,8 @@ def analyse(model: nn.Module) -> tuple[list[LayerSpec], str | None]:
             return [], f"parameter {full_name!r} of a {kind} is reparametrised"
         if has_hooks(mod):
             return [], f"module {mod_name!r} has hooks registered"
-        if replaced_forward(mod):
-            return [], f"module {mod_name!r} has its forward replaced on the instance"
+        if replaced := replaced_on_instance(mod):
+            return [], f"module {mod_name!r} has {replaced!r} replaced on the instance"
         if isinstance(mod, nn.Conv2d) and (
             mod.groups != 1 or mod.padding_mode != "zeros"
         ):

@@ -268,8 +268,8 @@ def _probe(net, x1: Tensor, specs):
     except RuntimeError as exc:
         raise ValueError(
             f"the model failed on the first example of x1 (a batch of shape "
-            f"{example}): {exc}. Pass x1 as a batch (n, ...) of examples shaped "
-            "as the model takes them."
+            f"{example}): {exc}. Check that x1 is a batch (n, ...) of examples "
+            "that the model takes and that the model runs on such a batch."
         ) from exc
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

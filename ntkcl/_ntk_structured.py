@@ -38,7 +38,7 @@ from ntkcl._ntk_analysis import (
     check_call,
     has_hooks,
     record,
-    replaced_forward,
+    replaced_on_instance,
 )
 from ntkcl._ntk_blocks import Factor
 
@@ -62,7 +62,7 @@ def _sequential_modules(module: nn.Module) -> list[nn.Module] | None:
         and cls.forward is nn.Sequential.forward
         and cls.__call__ is nn.Module.__call__
         and not has_hooks(module)
-        and not replaced_forward(module)
+        and not replaced_on_instance(module)
     )
     if not plain:
         return None
@@ -84,7 +84,7 @@ def chain_of(model: nn.Module, input_dim: int) -> list[nn.Module] | None:
     layer; the inputs of its Linear layers are flat because the examples are
     (``input_dim == 2``) or an ``nn.Flatten()`` comes before the first of them.
     Types must match exactly (a subclass may change ``forward``) and no module may
-    have hooks or a ``forward`` assigned on the instance.
+    have hooks, or a ``forward``, parameter or buffer replaced on the instance.
     """
     mods = _sequential_modules(model)
     if not mods or type(mods[-1]) is not nn.Linear:
@@ -92,7 +92,7 @@ def chain_of(model: nn.Module, input_dim: int) -> list[nn.Module] | None:
     flat, linear = input_dim == 2, False
     for m in mods:
         cls = type(m)
-        if has_hooks(m) or replaced_forward(m):
+        if has_hooks(m) or replaced_on_instance(m):
             return None
         if cls is nn.Linear:
             if not flat:

@@ -134,6 +134,13 @@ def patched(module: nn.Module, forward) -> nn.Module:
     return module
 
 
+def shadowed(layer: nn.Linear) -> nn.Linear:
+    """``layer`` with a plain tensor that hides its registered weight (float64:
+    ``.double()`` converts only the registered one)."""
+    object.__setattr__(layer, "weight", layer.weight.detach().double() * 2)
+    return layer
+
+
 def mlp_patched_activation():
     """A chain whose activation computes something else than its type says."""
     net = mlp(nn.ReLU())  # a chain would use ReLU's mask as the derivative
@@ -404,7 +411,11 @@ UNSUPPORTED = {
             nn.Tanh(),
             patched(nn.Linear(6, 3), lambda self, t: F.linear(t, 2 * self.weight)),
         ),
-        "forward replaced",
+        "'forward' replaced on the instance",
+    ),
+    "shadowed-weight": (  # the registered weight is unused, a plain tensor acts
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), shadowed(nn.Linear(6, 3))),
+        "'weight' replaced on the instance",
     ),
     "conv1d": (
         lambda: nn.Sequential(
