@@ -98,6 +98,7 @@ class Jacobian:
 
     def _jacobians(self, x, logits: slice, group, mode: str) -> dict[str, Tensor]:
         """``{name: (b, k, *shape)}`` Jacobians of the group's parameters."""
+        x = x.clone()  # a model that changes its input in place changes a copy
         if mode == MODES[-1]:
             leaves = {n: self.leaves[n] for n in group}
             return _autograd_jacobians(self.model, leaves, x, logits)

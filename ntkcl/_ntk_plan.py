@@ -262,7 +262,7 @@ def _probe(net, x1: Tensor, specs):
     """:func:`probe` on the first example, with errors that say what to fix."""
     example = tuple(x1[:1].shape)
     try:
-        out, pr = probe(net, x1[:1], specs)
+        out, pr = probe(net, x1[:1].clone(), specs)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:

@@ -231,6 +231,7 @@ class Structured:
 
     # the factors
     def compute(self, x: Tensor, logits: slice, group=None) -> list[Factor | None]:
+        x = x.clone()  # a model that changes its input in place changes a copy
         if self.chain is not None:
             return self._chain_factors(x, logits)
         b = x.shape[0]

@@ -647,6 +647,27 @@ def test_a_compiled_model_is_computed_on_the_module_it_wraps(recwarn):
     assert not recwarn.list  # no recompilation warnings: nothing was compiled
 
 
+class DoublesItsInput(nn.Module):
+    """Changes its input in place, in a way that compounds if called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp(nn.Tanh())
+
+    def forward(self, x):
+        return self.inner(x.mul_(2))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_model_that_changes_its_input_in_place_sees_a_copy(path):
+    torch.manual_seed(0)
+    net, x = DoublesItsInput().double(), inputs("mlp", 4, 1)
+    kept = x.clone()
+    got = empirical_ntk(net, x, kind="full", implementation=path)
+    assert torch.equal(x, kept)
+    assert_close(got, reference(net.inner, 2 * kept))
+
+
 def test_grad_modes_of_the_caller_do_not_matter():
     net, x = network("cnn-stride-maxpool"), inputs("cnn", 3, 1)
     expected = empirical_ntk(net, x)
