@@ -265,11 +265,12 @@ def _probe(net, x1: Tensor, specs):
         out, pr = probe(net, x1[:1].clone(), specs)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError) as exc:
+        hint = " (x1 is 1-D: for one example pass x1.unsqueeze(0))" * (x1.dim() == 1)
         raise ValueError(
             f"the model failed on the first example of x1 (a batch of shape "
             f"{example}): {exc}. Check that x1 is a batch (n, ...) of examples "
-            "that the model takes and that the model runs on such a batch."
+            f"that the model takes{hint} and that the model runs on such a batch."
         ) from exc
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -292,7 +293,9 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
     n1 = x1.shape[0]
     n2 = n1 if symmetric else x2.shape[0]
     specs, unsupported = analyse(net)
-    chain = chain_of(net, x1.dim()) if unsupported is None else None
+    # a chain takes floating inputs; anything else gets the probe's errors
+    floating = x1.is_floating_point()
+    chain = chain_of(net, x1.dim()) if unsupported is None and floating else None
     # a chain's layer sizes say what a probe would find; anything else is probed
     pr = None if chain is None else chain_probe(chain, specs, x1)
     if pr is None:

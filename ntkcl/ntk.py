@@ -189,6 +189,11 @@ def _validate(model, x1, x2, kind, dtype, implementation, memory_budget) -> None
                 f"{name} must be a tensor of shape (n, ...) holding at least one "
                 f"example, got {shape}; add a batch axis with x.unsqueeze(0)."
             )
+    if x2 is not None and x2.is_floating_point() != x1.is_floating_point():
+        raise ValueError(
+            f"x1 and x2 must both be floating or both not (e.g. token ids), got "
+            f"{x1.dtype} and {x2.dtype}; convert one with .to(other.dtype)."
+        )
     if x2 is not None and x2.shape[1:] != x1.shape[1:]:
         raise ValueError(
             f"x2 must have the same example shape as x1, got {tuple(x2.shape)} "

@@ -795,6 +795,16 @@ def test_models_that_cannot_take_the_inputs_or_give_no_logits(path):
     flat = torch.randn(3, 128, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"failed on the first example .* \(1, 128\)"):
         empirical_ntk(cnn_net, flat, implementation=path)
+    with pytest.raises(ValueError, match=r"failed on the first example.*unsqueeze"):
+        empirical_ntk(mlp_net, torch.randn(5, dtype=torch.float64))
+    tokens = torch.randint(0, 9, (3, 5))
+    with pytest.raises(ValueError, match=r"failed on the first example .* \(1, 5\)"):
+        empirical_ntk(mlp_net, tokens, implementation=path)
+    embed = nn.Sequential(nn.Embedding(9, 2), nn.Flatten(), nn.Linear(10, 3))
+    with pytest.raises(ValueError, match=r"failed on the first example.*out of range"):
+        empirical_ntk(embed, tokens + 9, implementation=path)
+    with pytest.raises(ValueError, match="both be floating or both not"):
+        empirical_ntk(embed, tokens, tokens.float(), implementation=path)
     with pytest.raises(
         ValueError, match="floating-point logits, it returned torch.int64"
     ):
