@@ -241,7 +241,9 @@ class Structured:
         for spec, spec_calls in zip(self.specs, calls, strict=True):
             if len(spec_calls) != int(spec.called):
                 raise Unsupported(
-                    f"{spec.name!r} is called a different number of times"
+                    f"{spec.name!r} is called {len(spec_calls)} times on a batch of "
+                    f"{b} examples and {int(spec.called)} on one example (the "
+                    "structured path needs each layer called once per batch)"
                 )
             if spec.called:
                 check_call(spec, spec_calls[0], b)
