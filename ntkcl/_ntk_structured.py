@@ -191,6 +191,9 @@ class Structured:
         self.act_elems = act_elems
         self.used = [s for s in specs if s.used]
         self.chain = chain if all(s.outer for s in self.used) else None
+        head = self.chain or []
+        head = head[: next((i for i, m in enumerate(head) if type(m) is nn.Linear), 0)]
+        self._inplace_head = any(getattr(m, "inplace", False) for m in head)
         self.per_logit = any(not s.outer for s in self.used)
         self.groups = [None]
         # per-example sizes of the cost model, summed over layers once
@@ -231,7 +234,10 @@ class Structured:
 
     # the factors
     def compute(self, x: Tensor, logits: slice, group=None) -> list[Factor | None]:
-        x = x.clone()  # a model that changes its input in place changes a copy
+        # a model that changes its input in place changes a copy; in a chain only
+        # an in-place module before the first Linear layer can
+        if self.chain is None or self._inplace_head:
+            x = x.clone()
         if self.chain is not None:
             return self._chain_factors(x, logits)
         b = x.shape[0]

@@ -658,6 +658,16 @@ class DoublesItsInput(nn.Module):
         return self.inner(x.mul_(2))
 
 
+def test_a_chain_that_changes_its_input_in_place_sees_a_copy():
+    net, x = network("image-chain-mix"), inputs("image", 4, 1)
+    net[0] = nn.Hardtanh(-0.5, 0.5, inplace=True)  # before the Flatten
+    kept = x.clone()
+    got = empirical_ntk(net, x, kind="full")
+    assert plan_ntk(net, x).cotangents == "chain"
+    assert torch.equal(x, kept)
+    assert_close(got, reference(net, kept))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_a_model_that_changes_its_input_in_place_sees_a_copy(path):
     torch.manual_seed(0)
