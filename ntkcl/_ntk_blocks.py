@@ -216,29 +216,36 @@ def _gather(compute: ComputeFn, x: Tensor, group, blocking: Blocking, k: int, ma
             for f in compute(x, slice(0, k), group)
         ]
     held: list[Factor | None] | None = None
+    # with all logits in one block a factor may hold fewer rows of features than
+    # logits (the trace kind's collapsed ones): it is then stored as it comes
+    whole = blocking.logits >= k
     for rows in _chunks(n, blocking.examples):
         for la in _chunks(k, blocking.logits):
             factors = compute(x[rows], la, group)
             if held is None:
-                held = [_allocate(f, n, k, major) for f in factors]
+                held = [_allocate(f, n, None if whole else k, major) for f in factors]
+            dst_logits = slice(None) if whole else la
             for dst, src in zip(held, factors, strict=True):
                 if src is None:
                     continue
                 src = src.to_layout(dst.logit_major)
                 if dst.logit_major:
-                    dst.features[la, rows] = src.features
+                    dst.features[dst_logits, rows] = src.features
                 else:
-                    dst.features[rows, la] = src.features
+                    dst.features[rows, dst_logits] = src.features
                 if src.inputs is not None:
                     dst.inputs[rows] = src.inputs
     return held
 
 
-def _allocate(f: Factor | None, n: int, k: int, major) -> Factor | None:
+def _allocate(f: Factor | None, n: int, k: int | None, major) -> Factor | None:
+    """Room for ``n`` examples' factors of ``k`` logits (None: as many as ``f``
+    holds, when it covers all logits)."""
     if f is None:
         return None
     major = f.logit_major if major is None else major
     ft = f.features
+    k = f.num_logits if k is None else k
     lead = (k, n) if major else (n, k)
     inputs = None
     if f.inputs is not None:

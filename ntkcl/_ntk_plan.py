@@ -353,6 +353,8 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
             *_distinct(flops[choice], flops[other])
         )
     provider, blk = candidates[choice]
+    if provider is structured:
+        structured.collapse_trace = kind == "trace" and blk.logits == num_logits
     group = None
     if provider is jacobian and jacobian.groups:
         why = jacobian.check(*_check_sample(x1, x2, blk))

@@ -191,6 +191,9 @@ class Structured:
         self.act_elems = act_elems
         self.used = [s for s in specs if s.used]
         self.chain = chain if all(s.outer for s in self.used) else None
+        # set by the planner for a trace kernel whose logits are not split: the
+        # chain's layer under the readout then gives one feature vector per example
+        self.collapse_trace = False
         head = self.chain or []
         head = head[: next((i for i, m in enumerate(head) if type(m) is nn.Linear), 0)]
         self._inplace_head = any(getattr(m, "inplace", False) for m in head)
@@ -316,27 +319,36 @@ class Structured:
             raise Unsupported("the output shape changed between blocks")
 
         # backward: g is the cotangent (b, k, features) at the current module's
-        # output; at the logits it is one-hot, below the readout its weight rows
+        # output; at the logits it is one-hot, below the readout W its rows times
+        # the activations' derivatives d. For the trace kind the layer under the
+        # readout needs only sum_a g[i, a] . g[i', a] = sum_j s_j d[i, j] d[i', j]
+        # with s = sum_a W[a]^2: one feature vector sqrt(s) * d per example
+        # (`collapsed`, until the first matmul) instead of one per logit
         factors: dict[int, Factor] = {}
         top = len(self.chain) - 1
-        g, owned = None, False
+        g, owned, collapsed = None, False, None
         with torch.no_grad():
             for i in range(top, lowest - 1, -1):
                 m, keep = self.chain[i], saved[i]
                 if type(m) is nn.Linear:
                     spec = spec_of.get(id(m))
                     if spec is not None:
-                        factors[id(m)] = _chain_factor(spec, g, keep, logits, b)
+                        features = g if collapsed is None else collapsed
+                        factors[id(m)] = _chain_factor(spec, features, keep, logits, b)
                     if i == lowest:
                         break
                     if g is None:  # a view, copied by the first product
                         g = m.weight[logits].unsqueeze(0).expand(b, k, -1)
                         owned = False
+                        if self.collapse_trace:
+                            scale = m.weight[logits].square().sum(0).sqrt()
+                            collapsed = scale.expand(b, 1, -1)
                     else:
-                        g, owned = torch.matmul(g, m.weight), True
+                        g, owned, collapsed = torch.matmul(g, m.weight), True, None
                 elif keep is not None:
                     keep = keep.unsqueeze(1)
                     g, owned = (g.mul_(keep) if owned else g * keep), True
+                    collapsed = None if collapsed is None else collapsed * keep
         return [factors[id(s.module)] for s in self.used]
 
 

@@ -819,3 +819,15 @@ def test_models_that_cannot_take_the_inputs_or_give_no_logits(path):
         ValueError, match="floating-point logits, it returned torch.int64"
     ):
         empirical_ntk(Argmax().double(), inputs("mlp", 3, 1), implementation=path)
+
+
+def test_a_chain_trace_kernel_collapses_the_logits_under_the_readout():
+    # the layer under the readout gets one feature vector per example, not K
+    from ntkcl._ntk_plan import make_plan
+
+    net, x = network("mlp-relu"), inputs("mlp", 4, 1)
+    for kind, collapsed in [("trace", True), ("diagonal", False), ("full", False)]:
+        plan, provider, _ = make_plan(net.eval(), x, None, kind, x.dtype, 2**30, "auto")
+        factors = provider.compute(x, slice(0, plan.num_logits))
+        assert [f.num_logits for f in factors] == [3, 1 if collapsed else 3, 3]
+        assert_close(empirical_ntk(net, x, kind=kind), reduce(reference(net, x), kind))
