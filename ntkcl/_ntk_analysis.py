@@ -60,6 +60,15 @@ class LayerSpec:
         return 1 if self.outer else int(self.weight) + int(self.bias)
 
     @property
+    def batched_logits(self) -> bool:
+        """Whether the per-example gradients of all logits come from one batched
+        product over the examples, with the cotangents ``(b, k, C, L)`` held
+        first, rather than one product per logit: when the cotangents are no
+        larger than the gradients (``L <= in_features``), for the larger
+        products."""
+        return not self.outer and self.weight and self.positions <= self.in_features
+
+    @property
     def num_params(self) -> int:
         return self.out_features * self.in_aug
 

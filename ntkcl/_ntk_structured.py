@@ -205,6 +205,7 @@ class Structured:
         self._per_logit = sum(s.out_features if s.outer else s.num_params for s in used)
         self._patches = sum(s.in_aug * s.positions for s in used if not s.outer)
         self._backward = act_elems + sum(s.out_numel for s in used)
+        self._cotangents = sum(s.out_numel for s in used if s.batched_logits)
 
     # cost model (elements and flops), for planning
     def factor_elems(self, b: int, k: int, group=None) -> int:
@@ -213,7 +214,7 @@ class Structured:
     def work_elems(self, b: int, k: int, group=None) -> int:
         """Graph, patches, backward buffers and the block's own factors."""
         passes = 1 if self.per_logit else k  # logits in flight in one backward
-        own = self.factor_elems(b, k)
+        own = self.factor_elems(b, k) + b * k * self._cotangents
         return b * (self.act_elems + self._patches) + b * passes * self._backward + own
 
     def forward_flops(self) -> int:
@@ -385,7 +386,7 @@ class _Terms:
             self.rows = _unfold(spec.module, inp).transpose(1, 2)  # (b, L, Q)
         elif spec.weight:
             self.rows = inp.reshape(b, -1, spec.in_features)  # (b, L, Q)
-        self.feats = self.jac = self.bias = None
+        self.feats = self.jac = self.bias = self.cotangents = None
 
     def add(self, logits: slice, g: Tensor | None) -> None:
         """Take the cotangents ``g`` ``(k', b, ...)`` of the block's ``logits``."""
@@ -412,10 +413,15 @@ class _Terms:
         if self.rows is not None:
             if self.rows.shape[1] != g.shape[-1]:
                 raise Unsupported(f"patches of {spec.name!r} do not match its output")
-            if self.jac is None:
-                self.jac = g.new_empty((self.k, b, c, self.rows.shape[-1]))
-            for i in range(kk):  # one batched matmul over the examples per logit
-                torch.bmm(g[i], self.rows, out=self.jac[logits.start + i])
+            if spec.batched_logits:  # kept, example-major, for one product
+                if self.cotangents is None:
+                    self.cotangents = g.new_empty((b, self.k, c, g.shape[-1]))
+                self.cotangents[:, logits] = g.transpose(0, 1)
+            else:
+                if self.jac is None:
+                    self.jac = g.new_empty((self.k, b, c, self.rows.shape[-1]))
+                for i in range(kk):  # one batched matmul over the examples per logit
+                    torch.bmm(g[i], self.rows, out=self.jac[logits.start + i])
         if spec.bias:
             if self.bias is None:
                 self.bias = g.new_empty((self.k, b, c))
@@ -423,6 +429,10 @@ class _Terms:
 
     def factors(self) -> list[Factor | None]:
         spec = self.spec
+        if self.cotangents is not None:  # every logit's gradients in one product
+            b, k, c, positions = self.cotangents.shape
+            cots = self.cotangents.view(b, k * c, positions)
+            self.jac, self.cotangents = torch.bmm(cots, self.rows), None
         if self.feats is None and self.jac is None and self.bias is None:
             return [None] * spec.num_factors  # the layer does not reach the logits
         if spec.outer:
@@ -430,7 +440,9 @@ class _Terms:
             ones = spec.bias and self.inputs is not None
             return [Factor(self.feats, self.inputs, True, onehot, ones)]
         terms = []
-        if self.jac is not None:
+        if self.jac is not None and spec.batched_logits:
+            terms.append(Factor(self.jac.view(self.b, self.k, -1), None, False))
+        elif self.jac is not None:
             terms.append(Factor(self.jac.view(self.k, self.b, -1), None, True))
         if spec.bias:
             terms.append(Factor(self.bias, None, True))
