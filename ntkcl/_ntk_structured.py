@@ -7,15 +7,18 @@ the cotangent at the layer output. Hence
 
 * L = 1: the kernel term is ``<u_i, u_j> * <g_ia, g_jb>``, a Gram of the layer
   inputs times a Gram of the cotangents (a column of ones in ``u`` adds the bias);
-* L > 1: per-example, per-logit gradients ``g_ia u_i^T`` (one batched matmul over
-  unfolded patches) and their Gram; per-example gradients of a layer take
-  ``b * k * (layer parameters)`` elements, bounded by the caller's blocking.
+* L > 1: per-example, per-logit gradients ``g_ia u_i^T`` (batched matmuls over
+  unfolded patches: one per logit, or one for all logits when the cotangents are
+  no larger than the gradients) and their Gram; per-example gradients of a layer
+  take ``b * k * (layer parameters)`` elements, bounded by the caller's blocking.
 
 For a plain chain (an ``nn.Sequential`` of Linear layers, elementwise activations,
 identities and a leading Flatten: every MLP) the cotangents are propagated by hand,
 ``g <- (g @ W) * act'(z)``, for all logits at once and without an autograd graph;
 the readout's cotangent at its input is its weight row, the same for every
-example. For other networks of flat Linear layers the cotangents of all logits
+example; for a trace kernel the layer under the readout needs only one feature
+vector per example (see ``_chain_factors``). For other networks of flat Linear
+layers the cotangents of all logits
 come from one batched backward pass (``is_grads_batched``: the backward matmuls
 take all logits at once); with Conv2d layers, whose batched backward runs logit
 by logit anyway, one pass per logit is turned into per-example gradients before
