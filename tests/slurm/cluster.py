@@ -326,8 +326,14 @@ def _spawn(argv: list[str], logfile: Path, env: dict[str, str]) -> int:
 
 def _alive(pid: int, name: str) -> bool:
     """Is ``pid`` a live (not zombie) process whose command line names ``name``?"""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our dead child
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our dead child
+    except ChildProcessError:
+        pass  # not our child (a pid from the record file): ask /proc
+    else:
+        # our child: waitpid knows, while its command line may read empty for a
+        # moment as setpriv exec's the daemon
+        return done == 0
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
