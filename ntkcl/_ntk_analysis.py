@@ -2,8 +2,8 @@
 
 :func:`analyse` checks the module tree (every trainable parameter the weight or bias
 of an ``nn.Linear`` or ``nn.Conv2d`` without hooks, no parameter listed twice);
-:func:`probe` runs one example through the network recording every layer call, the
-autograd edges into each parameter and the memory saved for backward;
+:func:`probe` runs the first two examples through the network recording every layer
+call, the autograd edges into each parameter and the memory saved for backward;
 :func:`check_probe` then requires each layer to be called at most once, each of its
 parameters to enter the graph exactly once (so not also outside the layer), and no
 layer input or output to be modified in place afterwards (version counters).
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -88,12 +89,13 @@ class _Call:
 
 @dataclass
 class Probe:
-    """What one forward pass on a single example shows."""
+    """What one forward pass on a small batch (one or two examples) shows."""
 
     num_logits: int
     act_elems: int  # elements saved for backward per example (parameters excluded)
     param_uses: dict[int, int] = field(default_factory=dict)  # id(param) -> edges
     calls: list[list[_Call]] = field(default_factory=list)
+    examples: int = 1  # the batch the probe ran on
 
 
 def has_hooks(mod: nn.Module) -> bool:
@@ -110,6 +112,23 @@ def replaced_on_instance(mod: nn.Module) -> str | None:
     on the instance hides (a patch the type check cannot see), or None."""
     names = ("forward", *mod._parameters, *mod._buffers)
     return next((name for name in names if name in vars(mod)), None)
+
+
+def patched_class(cls: type) -> str | None:
+    """A method of a torch layer class (or the function it calls) that something
+    replaced on the class or in ``torch.nn.functional`` (a patch for every
+    instance), or None. The structured path computes what torch's own forward
+    computes, so such a layer must go to the generic path."""
+    methods = ["forward"] + (["_conv_forward"] if issubclass(cls, nn.Conv2d) else [])
+    for name in methods:
+        fn = getattr(cls, name, None)
+        if not getattr(fn, "__module__", "").startswith("torch.nn.modules."):
+            return f"{cls.__name__}.{name}"
+    if cls is nn.Linear and F.linear is not torch._C._nn.linear:
+        return "torch.nn.functional.linear"
+    if cls is nn.Conv2d and F.conv2d is not torch.conv2d:
+        return "torch.nn.functional.conv2d"
+    return None
 
 
 def _global_hooks() -> bool:
@@ -149,6 +168,8 @@ def analyse(model: nn.Module) -> tuple[list[LayerSpec], str | None]:
             return [], f"module {mod_name!r} has hooks registered"
         if replaced := replaced_on_instance(mod):
             return [], f"module {mod_name!r} has {replaced!r} replaced on the instance"
+        if patched := patched_class(type(mod)):
+            return [], f"{patched} is not torch's own (patched)"
         if isinstance(mod, nn.Conv2d) and (
             mod.groups != 1 or mod.padding_mode != "zeros"
         ):
@@ -207,7 +228,11 @@ def _param_uses(out: Tensor) -> dict[int, int]:
 
 
 def probe(model: nn.Module, x: Tensor, specs: list[LayerSpec]) -> tuple[Tensor, Probe]:
-    """One forward pass on ``x`` (one example) recording layer calls and memory."""
+    """One forward pass on ``x`` (a few examples) recording layer calls and memory.
+
+    Two examples rather than one catch a model that runs a layer once per example
+    (a Python loop over the batch): the layer then runs twice.
+    """
     fixed = {
         t.untyped_storage().data_ptr()
         for t in chain(model.parameters(), model.buffers())
@@ -229,7 +254,8 @@ def probe(model: nn.Module, x: Tensor, specs: list[LayerSpec]) -> tuple[Tensor, 
             call.is_output = call.out is out
     uses = _param_uses(out) if isinstance(out, Tensor) and out.grad_fn else {}
     num_logits = out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 else -1
-    return out, Probe(num_logits, saved[0] // max(1, x.shape[0]), uses, calls)
+    b = max(1, x.shape[0])
+    return out, Probe(num_logits, saved[0] // b, uses, calls, b)
 
 
 def check_call(spec: LayerSpec, call: _Call | None, batch: int) -> None:
@@ -257,13 +283,16 @@ def check_probe(specs: list[LayerSpec], pr: Probe) -> None:
 
     Args:
         specs: from :func:`analyse`.
-        pr: from :func:`probe` (one example).
+        pr: from :func:`probe`.
     """
     for spec, calls in zip(specs, pr.calls, strict=True):
         own = [p for n, p in spec.module.named_parameters() if p.requires_grad]
         uses = {pr.param_uses.get(id(p), 0) for p in own}
         if len(calls) > 1:
-            raise Unsupported(f"{spec.name!r} is called {len(calls)} times per forward")
+            raise Unsupported(
+                f"{spec.name!r} is called {len(calls)} times on a batch of "
+                f"{pr.examples} example(s)"
+            )
         spec.called = len(calls) == 1
         if not spec.called:
             if uses != {0}:
@@ -272,7 +301,7 @@ def check_probe(specs: list[LayerSpec], pr: Probe) -> None:
         if len(uses) != 1 or uses.pop() > 1:
             raise Unsupported(f"a parameter of {spec.name!r} is used more than once")
         call = calls[0]
-        check_call(spec, call, 1)
+        check_call(spec, call, pr.examples)
         spec.used = pr.param_uses.get(id(own[0]), 0) == 1
         mod = spec.module
         if spec.conv:

@@ -1,6 +1,6 @@
 """Planning of an empirical NTK computation (private helper of ``ntkcl.ntk``).
 
-Probes the network with one example, decides whether the structured path applies,
+Probes the network with two examples, decides whether the structured path applies,
 sizes the blocks of examples, logits and parameters of both paths so that the
 working set stays within the memory budget, estimates their floating-point
 operations and picks one.
@@ -259,24 +259,27 @@ def _check_sample(x1: Tensor, x2: Tensor | None, blk: Blocking):
 
 
 def _probe(net, x1: Tensor, specs):
-    """:func:`probe` on the first example, with errors that say what to fix."""
-    example = tuple(x1[:1].shape)
+    """:func:`probe` on the first two examples, with errors that say what to fix."""
+    batch = x1[:2]
+    b = batch.shape[0]
+    what = "the first example" if b == 1 else f"the first {b} examples"
+    shape = tuple(batch.shape)
     try:
-        out, pr = probe(net, x1[:1].clone(), specs)
+        out, pr = probe(net, batch.clone(), specs)
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, IndexError) as exc:
         hint = " (x1 is 1-D: for one example pass x1.unsqueeze(0))" * (x1.dim() == 1)
         raise ValueError(
-            f"the model failed on the first example of x1 (a batch of shape "
-            f"{example}): {exc}. Check that x1 is a batch (n, ...) of examples "
-            f"that the model takes{hint} and that the model runs on such a batch."
+            f"the model failed on {what} of x1 (a batch of shape {shape}): {exc}. "
+            f"Check that x1 is a batch (n, ...) of examples that the model "
+            f"takes{hint} and that the model runs on such a batch."
         ) from exc
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
-            f"model must return logits of shape (n, K); for one example (a batch of "
-            f"shape {example}) it returned {shape}. Wrap it so that it returns a "
+            f"model must return logits of shape (n, K); for {what} of x1 (a batch "
+            f"of shape {shape}) it returned {got}. Wrap it so that it returns a "
             "2-D tensor, or pass inputs shaped as it expects."
         )
     if not out.is_floating_point():

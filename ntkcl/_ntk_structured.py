@@ -40,6 +40,7 @@ from ntkcl._ntk_analysis import (
     Unsupported,
     check_call,
     has_hooks,
+    patched_class,
     record,
     replaced_on_instance,
 )
@@ -63,6 +64,7 @@ def _sequential_modules(module: nn.Module) -> list[nn.Module] | None:
     plain = (
         isinstance(module, nn.Sequential)
         and cls.forward is nn.Sequential.forward
+        and not patched_class(cls)
         and cls.__call__ is nn.Module.__call__
         and not has_hooks(module)
         and not replaced_on_instance(module)
@@ -86,8 +88,9 @@ def chain_of(model: nn.Module, input_dim: int) -> list[nn.Module] | None:
     layers, the elementwise activations above and identities, ending in a Linear
     layer; the inputs of its Linear layers are flat because the examples are
     (``input_dim == 2``) or an ``nn.Flatten()`` comes before the first of them.
-    Types must match exactly (a subclass may change ``forward``) and no module may
-    have hooks, or a ``forward``, parameter or buffer replaced on the instance.
+    Types must match exactly (a subclass may change ``forward``), their ``forward``
+    must be torch's own (not patched on the class) and no module may have hooks, or
+    a ``forward``, parameter or buffer replaced on the instance.
     """
     mods = _sequential_modules(model)
     if not mods or type(mods[-1]) is not nn.Linear:
@@ -95,7 +98,7 @@ def chain_of(model: nn.Module, input_dim: int) -> list[nn.Module] | None:
     flat, linear = input_dim == 2, False
     for m in mods:
         cls = type(m)
-        if has_hooks(m) or replaced_on_instance(m):
+        if has_hooks(m) or replaced_on_instance(m) or patched_class(cls):
             return None
         if cls is nn.Linear:
             if not flat:
@@ -255,7 +258,7 @@ class Structured:
             if len(spec_calls) != int(spec.called):
                 raise Unsupported(
                     f"{spec.name!r} is called {len(spec_calls)} times on a batch of "
-                    f"{b} examples and {int(spec.called)} on one example (the "
+                    f"{b} examples and {int(spec.called)} on the plan's probe (the "
                     "structured path needs each layer called once per batch)"
                 )
             if spec.called:

@@ -443,6 +443,52 @@ def test_unsupported_networks_fall_back_and_stay_exact(name):
     assert_close(empirical_ntk(net, x1, x2, kind="full"), reference(net, x1, x2))
 
 
+def _scaled_linear(self, t):
+    return F.linear(t, 2 * self.weight, self.bias)
+
+
+def _leaky_relu(self, t):
+    return F.leaky_relu(t, 0.3)
+
+
+_original_linear = F.linear
+
+
+def _scaled_functional_linear(t, weight, bias=None):
+    return _original_linear(t, 2 * weight, bias)
+
+
+# patches on a class or in torch.nn.functional (every instance), with the path
+# they leave and why: the structured path computes what torch's own layers compute
+CLASS_PATCHES = {
+    "Linear.forward": (nn.Linear, "forward", _scaled_linear, "jacobian"),
+    "functional.linear": (F, "linear", _scaled_functional_linear, "jacobian"),
+    "Conv2d._conv_forward": (
+        nn.Conv2d,
+        "_conv_forward",
+        lambda self, t, w, b: F.conv2d(t, 2 * w, b, self.stride, self.padding),
+        "jacobian",
+    ),
+    # a patched activation costs an MLP only its hand-propagated cotangents
+    "ReLU.forward": (nn.ReLU, "forward", _leaky_relu, "structured"),
+}
+
+
+@pytest.mark.parametrize("patch", list(CLASS_PATCHES))
+def test_layers_patched_on_their_class_stay_exact(patch, monkeypatch):
+    target, attr, replacement, path = CLASS_PATCHES[patch]
+    monkeypatch.setattr(target, attr, replacement)
+    name = "cnn-stride-maxpool" if "Conv2d" in patch else "mlp-relu"
+    net, x1, x2 = network(name), inputs(name, 4, 1), inputs(name, 3, 2)
+    plan = plan_ntk(net, x1, kind="full")
+    assert plan.implementation == path
+    if path == "jacobian":
+        assert patch.split(".")[-1] in plan.structured_unsupported
+    else:
+        assert plan.cotangents == "autograd"
+    assert_close(empirical_ntk(net, x1, x2, kind="full"), reference(net, x1, x2))
+
+
 def prelu_cnn():
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2),
@@ -538,7 +584,8 @@ def test_a_module_registered_twice_keeps_its_parameters(path):
 
 
 class BatchDependent(nn.Module):
-    """Calls its layer a second time only for batches of more than one example."""
+    """Calls its layer a second time only for batches of more than two examples
+    (more than the plan's probe)."""
 
     def __init__(self):
         super().__init__()
@@ -547,7 +594,7 @@ class BatchDependent(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        if x.shape[0] > 1:
+        if x.shape[0] > 2:
             h = h + 0 * self.a(h)
         return self.out(h)
 
@@ -555,13 +602,38 @@ class BatchDependent(nn.Module):
 def test_a_change_after_the_probe_falls_back_too(caplog):
     torch.manual_seed(0)
     net, x = BatchDependent().double(), inputs("mlp", 4, 1)
-    assert plan_ntk(net, x).implementation == "structured"  # one example looks fine
+    assert plan_ntk(net, x).implementation == "structured"  # two examples look fine
     with caplog.at_level(logging.INFO, logger="ntkcl.ntk"):
         got = empirical_ntk(net, x, kind="full")
     assert "gave up" in caplog.text
     assert_close(got, reference(net, x))
     with pytest.raises(ValueError, match="called 2 times on a batch of 4 examples"):
         empirical_ntk(net, x, implementation="structured")
+
+
+class ExampleLoop(nn.Module):
+    """Runs its layers once per example, in a Python loop over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.cat([self.out(torch.tanh(self.a(row[None]))) for row in x])
+
+
+def test_a_loop_over_the_examples_is_seen_when_planning():
+    torch.manual_seed(0)
+    net, x = ExampleLoop().double(), inputs("mlp", 4, 1)
+    plan = plan_ntk(net, x, kind="full")
+    assert plan.implementation == "jacobian"
+    assert "called 2 times on a batch of 2" in plan.structured_unsupported
+    assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
+    # one example runs each layer once: the structured path is exact then
+    one = x[:1]
+    assert plan_ntk(net, one).implementation == "structured"
+    assert_close(empirical_ntk(net, one, kind="full"), reference(net, one))
 
 
 @pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
@@ -800,18 +872,19 @@ class Argmax(nn.Module):
 @pytest.mark.parametrize("path", ["auto", "jacobian"])
 def test_models_that_cannot_take_the_inputs_or_give_no_logits(path):
     mlp_net, cnn_net = network("mlp-relu"), network("cnn-stride-maxpool")
-    with pytest.raises(ValueError, match=r"failed on the first example .* \(1,\)"):
+    first = "failed on the first 2 examples"
+    with pytest.raises(ValueError, match=first + r" .* \(2,\)"):
         empirical_ntk(mlp_net, torch.randn(6, dtype=torch.float64), implementation=path)
     flat = torch.randn(3, 128, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"failed on the first example .* \(1, 128\)"):
+    with pytest.raises(ValueError, match=first + r" .* \(2, 128\)"):
         empirical_ntk(cnn_net, flat, implementation=path)
-    with pytest.raises(ValueError, match=r"failed on the first example.*unsqueeze"):
+    with pytest.raises(ValueError, match=first + ".*unsqueeze"):
         empirical_ntk(mlp_net, torch.randn(5, dtype=torch.float64))
     tokens = torch.randint(0, 9, (3, 5))
-    with pytest.raises(ValueError, match=r"failed on the first example .* \(1, 5\)"):
+    with pytest.raises(ValueError, match=first + r" .* \(2, 5\)"):
         empirical_ntk(mlp_net, tokens, implementation=path)
     embed = nn.Sequential(nn.Embedding(9, 2), nn.Flatten(), nn.Linear(10, 3))
-    with pytest.raises(ValueError, match=r"failed on the first example.*out of range"):
+    with pytest.raises(ValueError, match=first + ".*out of range"):
         empirical_ntk(embed, tokens + 9, implementation=path)
     with pytest.raises(ValueError, match="both be floating or both not"):
         empirical_ntk(embed, tokens, tokens.float(), implementation=path)
