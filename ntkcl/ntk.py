@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 import numbers
 from contextlib import contextmanager
@@ -99,7 +98,8 @@ def empirical_ntk(
         kind: ``"full"`` ``(n1, n2, K, K)``, ``"diagonal"`` ``(n1, n2, K)`` or
             ``"trace"`` ``(n1, n2)``, the sum over logits.
         dtype: compute dtype; None keeps the model's. Another dtype (e.g.
-            ``torch.float64``) computes on a converted copy of the model.
+            ``torch.float64``) converts the model's floating parameters and
+            buffers for the call and puts the original tensors back after.
         implementation: ``"auto"``, ``"structured"`` (raises ValueError for a
             network it cannot compute exactly) or ``"jacobian"``.
         memory_budget: bytes of working memory (factors, Jacobian blocks,
@@ -251,20 +251,46 @@ def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
         for store in (m._parameters, m._buffers)
         for name, tensor in store.items()
     ]
+    # another compute dtype converts the model in place rather than a copy: a hook
+    # or closure that reaches a parameter through a reference of the model's own
+    # then sees the converted one (a copy's would still read the original)
+    converted = []
     try:
         with torch.inference_mode(False), torch.enable_grad():
             model.eval()
-            net = model
             if compute_dtype != model_dtype:
-                net = copy.deepcopy(model).to(compute_dtype)
+                _convert(model, compute_dtype, converted)
             x1c = _as_input(x1, device, compute_dtype)
-            yield net, x1c, _as_input(x2, device, compute_dtype), compute_dtype
+            yield model, x1c, _as_input(x2, device, compute_dtype), compute_dtype
     finally:
         for m, training in modes:
             m.training = training
+        for param, data in converted:
+            param.data = data
         for store, name, tensor in slots:
             if store.get(name) is not tensor:
                 store[name] = tensor
+
+
+def _convert(model: nn.Module, dtype, converted: list[tuple[Tensor, Tensor]]) -> None:
+    """Give the model's floating parameters and buffers ``dtype``, as
+    ``model.to(dtype)`` would, adding each parameter and its original data to
+    ``converted`` as it goes (so that an error half-way loses nothing).
+
+    Parameters keep their identity (their ``.data`` is swapped: references held
+    elsewhere, by an optimizer or a closure, see the converted values); buffers are
+    replaced in their modules (:func:`_prepared` records and puts back the
+    originals of both).
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            converted.append((param, param.data))
+            param.data = param.data.to(dtype)
+    done: dict[int, Tensor] = {}  # a buffer registered twice converts once
+    for m in model.modules(remove_duplicate=False):
+        for name, buf in m._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                m._buffers[name] = done.setdefault(id(buf), buf.to(dtype))
 
 
 def _run(provider, blocking: Blocking, x1, x2, kind: str, plan: NTKPlan) -> Tensor:

@@ -696,7 +696,7 @@ def test_mode_and_parameters_are_restored():
     assert_close(first, reference(net, x))
 
 
-def test_float64_on_a_copy_and_float32_agrees():
+def test_float64_converts_in_place_and_float32_agrees():
     torch.manual_seed(0)
     net = mlp(nn.Tanh())  # smooth: no ReLU kinks that rounding could flip
     x = inputs("mlp", 5, 1).float()
@@ -709,6 +709,39 @@ def test_float64_on_a_copy_and_float32_agrees():
         assert all(p.dtype == torch.float32 for p in net.parameters())
         assert_close(single.double(), double, rtol=1e-5)
     assert_close(double, reference(net.double(), x.double()))
+
+
+class BatchNormHook(nn.Module):
+    """A hook that reads another layer's weight through a reference of its own,
+    with BatchNorm buffers: float64 must see the converted weight and buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(), nn.Linear(6, 3)
+        )
+        first = self.net[0]
+        self.net[2].register_forward_hook(lambda m, i, o: o + first.weight.sum())
+        self.net[1].running_mean.normal_()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("path", ["auto", "jacobian"])
+def test_float64_reaches_parameters_through_the_models_own_references(path):
+    torch.manual_seed(0)
+    net, x = BatchNormHook(), inputs("mlp", 4, 1).float()
+    net(x).sum().backward()  # a .grad to keep
+    params = {n: (p, p.data, p.grad.clone()) for n, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+    got = empirical_ntk(net, x, kind="full", dtype=torch.float64, implementation=path)
+    for name, (param, data, grad) in params.items():
+        now = dict(net.named_parameters())[name]
+        assert now is param and now.data.data_ptr() == data.data_ptr(), name
+        assert now.dtype == torch.float32 and torch.equal(now.grad, grad), name
+    assert all(b is buffers[n] for n, b in net.named_buffers())
+    assert_close(got, reference(net.double(), x.double()))
 
 
 def test_a_compiled_model_is_computed_on_the_module_it_wraps(recwarn):
