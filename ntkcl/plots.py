@@ -353,8 +353,9 @@ def _draw_switches(ax, run_ds, color) -> None:
 
 
 def _finish_axes(ax, da, log, xlim) -> None:
-    data = [ln.get_ydata() for ln in ax.get_lines()]
-    values = np.concatenate([np.asarray(d, dtype=float) for d in data] or [[]])
+    # the panel's own values decide: the switch lines' and some markers' y are in
+    # axes coordinates, positive even when every value is zero (a dead network)
+    values = np.asarray(da.values, dtype=float)
     if log and np.any(values[np.isfinite(values)] > 0):
         ax.set_yscale("log")
     ax.set_ylabel("\n".join(textwrap.wrap(_label(da), 30)))

@@ -107,6 +107,18 @@ def test_diverged_run_is_marked_not_dropped():
     assert len(markers) == 1 and list(markers[0].get_xdata()) == [150.0]
 
 
+@pytest.mark.parametrize("value", [0.0, np.nan])
+def test_a_log_panel_without_positive_values_stays_linear(value, tmp_path):
+    # a dead network's kernel does not move: velocity 0 (or no velocity at all)
+    ds = aggregated(diverged=True)
+    ds["velocity"][:] = value
+    fig = plots.make_figure(ds, line="width", row="regime")
+    by_label = {ax.get_ylabel().replace("\n", " "): ax for ax in fig.axes[:4]}
+    assert by_label["velocity [1/iteration]"].get_yscale() == "linear"
+    assert by_label["max eigenvalue"].get_yscale() == "log"
+    fig.savefig(tmp_path / "f.png")  # where a log axis without data used to fail
+
+
 def test_extra_dimension_raises_unless_selected():
     ds = aggregated(extra={"lr": [0.01, 0.1]})
     with pytest.raises(ValueError, match=r"\['lr'\].*select="):
