@@ -98,7 +98,9 @@ class NTKPlan:
 
 
 def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
+    """``1536`` -> ``"1.5 KiB"``, ``1000`` -> ``"1000 B"``."""
+    if n < 1024:
+        return f"{n:.0f} B"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.3g} {unit}"

@@ -55,7 +55,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ValueError(
             "device: cuda was asked for, but PyTorch sees no GPU; "
             "set device: auto or cpu."
         )
@@ -111,7 +111,7 @@ def _load_checkpoint(path: Path, device, config_json: str, run_id: str) -> dict 
         log.warning("cannot read %s (%s); starting afresh", path, error)
         return None
     if state["config_json"] != config_json:
-        raise RuntimeError(
+        raise ValueError(
             f"{path} belongs to a different configuration of run {run_id}; delete "
             f"{path.parent} to start this run afresh."
         )

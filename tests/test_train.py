@@ -133,3 +133,19 @@ def test_a_second_writer_of_one_run_is_refused(tmp_path, digits):
     # once the first writer is gone, the run trains, and leaves no lock behind
     assert train.train_run(run, digits, tmp_path / "a.h5", work) == "complete"
     assert not (work / "lock").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_user_error():
+    # a ValueError: the workflow's rule reports it in one line, without a traceback
+    with pytest.raises(ValueError, match="sees no GPU; set device: auto or cpu"):
+        train.pick_device("cuda")
+
+
+def test_a_checkpoint_of_another_configuration_is_a_user_error(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    train._save_checkpoint(path, {"config_json": '{"a": 1}'})
+    with pytest.raises(ValueError, match="different configuration.*delete"):
+        train._load_checkpoint(path, "cpu", '{"a": 2}', "w64-s0")
+    assert train._load_checkpoint(path, "cpu", '{"a": 1}', "w64-s0") is not None
