@@ -317,6 +317,11 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
         except Unsupported as exc:
             unsupported = str(exc)
     num_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if num_params == 0:
+        logger.warning(
+            "the model has no trainable parameters (requires_grad=True): its "
+            "empirical NTK is zero"
+        )
     fwd = structured.forward_flops() if structured else 2 * num_params
     jacobian = Jacobian(net, num_logits, pr.act_elems, fwd)
 

@@ -277,11 +277,12 @@ def test_inputs_that_do_not_fit_a_chain_are_named():
 
 
 @pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
-def test_nothing_trainable_gives_a_zero_kernel(name):
+def test_nothing_trainable_gives_a_zero_kernel(name, caplog):
     net, x = network(name), inputs(name, 4, 1)
     net.requires_grad_(False)
     for kind in KINDS:
         assert not empirical_ntk(net, x, kind=kind).any()
+    assert "no trainable parameters" in caplog.text  # said, not silent
 
 
 @pytest.mark.parametrize("name", ["mlp-relu", "mlp-relu-autograd"])
