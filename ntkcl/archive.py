@@ -197,11 +197,12 @@ def create(
     with h5netcdf.File(path, "w", libver="latest") as f:
         f.dimensions = {"step": None, **sizes}  # step: unlimited
         for name, (dims, type_, long_name, units) in SCHEMA.items():
-            options = {}
+            # checksums everywhere: a damaged chunk fails loudly when read
+            options = {"fletcher32": True}
             if name == "ntk":
                 dims, type_ = KERNEL_DIMS[kind], "f8" if dtype == "float64" else "f4"
                 long_name = f"{long_name} ({kind})"
-                options = dict(fletcher32=True, **KERNEL_COMPRESSION[kind])
+                options |= KERNEL_COMPRESSION[kind]
             if name in ("logits", "ntk"):  # one dump per chunk
                 options["chunks"] = (1, *(sizes[d] for d in dims[1:]))
             data = static.get(name)

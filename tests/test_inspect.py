@@ -75,17 +75,37 @@ def test_validate_names_each_problem(tmp_path, capsys):
     assert f"4 problem(s) in {path}" in err
 
 
-def test_a_damaged_chunk_is_named_and_the_rest_still_read(tmp_path, capsys):
-    path = _make(tmp_path / "a.h5", "trace")
-    archive.finish(path)
+def _flip_a_byte(path, name, index):
+    """Damage chunk ``index`` of variable ``name`` in place."""
     with h5py.File(path, "r") as f:
-        assert f["ntk"].fletcher32
-        chunk = f["ntk"].id.get_chunk_info(1)  # dump 1's kernel
+        assert f[name].fletcher32
+        chunk = f[name].id.get_chunk_info(index)
     with open(path, "r+b") as f:
         f.seek(chunk.byte_offset + chunk.size // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_every_variable_has_checksums(tmp_path):
+    path = _make(tmp_path / "a.h5", "trace")
+    with h5py.File(path, "r") as f:
+        unchecked = [n for n, v in f.items() if not getattr(v, "fletcher32", True)]
+    assert not unchecked
+
+
+def test_a_damaged_logits_chunk_is_named(tmp_path, capsys):
+    path = _make(tmp_path / "a.h5", "trace")
+    archive.finish(path)
+    _flip_a_byte(path, "logits", 2)
+    status, out, _ = inspect(capsys, path, "--validate")
+    assert status == 1 and "logits cannot be read at dump(s) [2]" in out
+
+
+def test_a_damaged_chunk_is_named_and_the_rest_still_read(tmp_path, capsys):
+    path = _make(tmp_path / "a.h5", "trace")
+    archive.finish(path)
+    _flip_a_byte(path, "ntk", 1)  # dump 1's kernel
 
     status, out, err = inspect(capsys, path, "--step", 10)
     assert status == 1, err
