@@ -28,16 +28,33 @@ Datasets (``data.name``):
 ``image_size``: the shorter side is resized to it (bilinear, antialiased), then the
 image is centre-cropped to a square. Needed for ImageFolder trees of mixed sizes.
 
-Dataset ids (the prepared file's stem): ``digits`` (``digits-test0.3`` for a
-non-default ``test_fraction``); the torchvision class name (``CIFAR10``);
-``ImageFolder-<label>``, ``<label>`` being the class list's file stem, or the root
-folder's name when there is none. ``-<size>px`` is appended whenever
-``image_size`` is set: ``ImageFolder-imagenet100-64px``, ``CIFAR10-16px``.
+Dataset ids (the prepared file's stem, and what a run's archive records as
+``dataset``) name everything that decides the prepared content, so two runs share
+a prepared file only when it would hold the same data:
+
+- ``digits``, or ``digits-test0.3`` for a non-default ``test_fraction``;
+- ``<Name>-<hash>`` for torchvision data: ``CIFAR10-a4a42510`` for ``root: data``;
+- ``ImageFolder-<label>-<hash>``, ``<label>`` being the class list's file stem, or
+  the root folder's name when there is none.
+
+``-<size>px`` goes before the hash whenever ``image_size`` is set:
+``ImageFolder-imagenet100-32px-<hash>``. ``<hash>`` is the first 8 hex digits of
+the SHA-256 of a compact, key-sorted JSON object (``_source_key``): ``root`` as
+written, normalised by ``os.path.normpath`` but not resolved (all jobs of a
+workflow share one working directory, and a study folder can move without its ids
+changing), and for ImageFolder the class list's class names in order (comments
+and blank lines do not count; while the file is not found, its path as written).
+So one config always gets one id, while another ``root`` or an edited class list
+gets a new id and is prepared anew. Not hashed: the images themselves (nor,
+without a class list, the set of class folders); after changing a tree in place,
+delete its prepared file. Two spellings of one folder (``data/x`` and its
+absolute path) get two ids and are prepared twice.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.metadata
 import inspect
 import json
@@ -116,17 +133,48 @@ class _Raw:
 def dataset_id(data_cfg: dict) -> str:
     """The prepared file's stem for a ``data`` config (see the module docstring)."""
     name = data_cfg["name"]
-    base = name
+    parts = [name]
     if name == "digits":
         fraction = data_cfg.get("test_fraction", DEFAULT_TEST_FRACTION)
         if fraction != DEFAULT_TEST_FRACTION:
-            base += f"-test{fraction:g}"
+            parts.append(f"test{fraction:g}")
     elif name == "ImageFolder":
         class_list = data_cfg.get("class_list")
         label = Path(class_list).stem if class_list else Path(data_cfg["root"]).name
-        base += "-" + re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
+        parts.append(re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-"))
     size = data_cfg.get("image_size")
-    return f"{base}-{size}px" if size else base
+    if size:
+        parts.append(f"{size}px")
+    if name != "digits":  # bundled with scikit-learn: no root
+        key = json.dumps(_source_key(data_cfg), sort_keys=True, separators=(",", ":"))
+        parts.append(hashlib.sha256(key.encode()).hexdigest()[:8])
+    return "-".join(p for p in parts if p)
+
+
+def _source_key(data_cfg: dict) -> dict:
+    """What a dataset id hashes: where the raw data is read from, and for
+    ImageFolder which classes in which order (see the module docstring)."""
+    root = str(data_cfg.get("root") or ".")
+    key: dict = {"root": os.path.normpath(root)}
+    if data_cfg["name"] == "ImageFolder" and data_cfg.get("class_list"):
+        given = str(data_cfg["class_list"])
+        found = _find_class_list(Path(root), given)  # as prepare looks for it
+        if found is None:
+            key["class_list"] = os.path.normpath(given)
+        else:
+            key["classes"] = _read_class_list(found)
+    return key
+
+
+def _find_class_list(root: Path, given: str) -> Path | None:
+    """The class list file: ``given`` from the working directory, else under root."""
+    return next((p for p in (Path(given), root / given) if p.is_file()), None)
+
+
+def _read_class_list(path: Path) -> list[str]:
+    """One class folder name per line; blank lines and ``#`` comments skipped."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [c for c in lines if c and not c.startswith("#")]
 
 
 def prepare(data_cfg: dict, out: str | Path) -> Path:
@@ -364,11 +412,7 @@ def _read_image_folder(cfg: dict) -> _Raw:
 
     root, size, given = Path(cfg["root"]), cfg.get("image_size"), cfg.get("class_list")
     dirs = ("train", "val" if (root / "val").is_dir() else "test")
-    class_list = (
-        next((p for p in (Path(given), root / given) if p.is_file()), None)
-        if given
-        else None
-    )
+    class_list = _find_class_list(root, given) if given else None
     missing = [f"{root / d}/" for d in dirs if not (root / d).is_dir()]
     if dirs[1] == "test" and f"{root / 'test'}/" in missing:  # neither val/ nor test/
         missing[missing.index(f"{root / 'test'}/")] = f"{root / 'val'}/ (or test/)"
@@ -377,8 +421,7 @@ def _read_image_folder(cfg: dict) -> _Raw:
     classes = []
     if not missing:
         if class_list is not None:
-            lines = (line.strip() for line in class_list.read_text().splitlines())
-            classes = [c for c in lines if c and not c.startswith("#")]
+            classes = _read_class_list(class_list)
         else:
             classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
         missing = [

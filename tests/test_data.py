@@ -2,7 +2,9 @@
 
 import json
 import pickle
+import re
 import urllib.error
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,9 +18,12 @@ from fixtures import (
     write_image_folder,
     write_mnist,
 )
+from test_workflow import TINY, snakemake, write_config
 from torchvision import datasets
 
 from ntkcl import data
+
+HASH = "[0-9a-f]{8}"
 
 
 def patch_md5(monkeypatch, cls, root):
@@ -115,7 +120,7 @@ def test_image_size_resizes_torchvision_data(tmp_path):
     root = tmp_path / "raw"
     write_mnist(root)
     cfg = {"name": "MNIST", "root": str(root), "image_size": 14}
-    assert data.dataset_id(cfg) == "MNIST-14px"
+    assert re.fullmatch(f"MNIST-14px-{HASH}", data.dataset_id(cfg))
     dataset = data.load(data.prepare(cfg, tmp_path / "m.h5"))
     assert dataset.input_shape == (1, 14, 14)
 
@@ -131,7 +136,7 @@ def test_image_folder_with_class_list(tmp_path, monkeypatch):
         "class_list": "imagenet100.txt",
         "image_size": 8,
     }
-    assert data.dataset_id(cfg) == "ImageFolder-imagenet100-8px"
+    assert re.fullmatch(f"ImageFolder-imagenet100-8px-{HASH}", data.dataset_id(cfg))
     out = data.prepare(cfg, tmp_path / "results" / "i.h5")
     dataset = data.load(out)
     assert dataset.class_names == ["n03", "n01", "n04"]  # ids in the list's order
@@ -139,6 +144,7 @@ def test_image_folder_with_class_list(tmp_path, monkeypatch):
     assert dataset.train_y.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     with h5py.File(out, "r") as f:
         images, labels = f["train/images"][...], f["train/labels"][...]
+        assert f.attrs["dataset_id"] == data.dataset_id(cfg)
     # every pixel of folder n0k is 10 k; resizing a flat image keeps it
     expected = 10 * np.array([3, 1, 4])[labels]
     assert (images == expected[:, None, None, None]).all()
@@ -149,7 +155,7 @@ def test_image_folder_test_split_and_mixed_sizes(tmp_path):
     root = tmp_path / "tree"
     write_image_folder(root, ["a", "b"], splits=("train", "test"))
     cfg = {"name": "ImageFolder", "root": str(root)}
-    assert data.dataset_id(cfg) == "ImageFolder-tree"
+    assert re.fullmatch(f"ImageFolder-tree-{HASH}", data.dataset_id(cfg))
     with pytest.raises(ValueError, match="image_size"):
         data.prepare(cfg, tmp_path / "t.h5")
     dataset = data.load(data.prepare({**cfg, "image_size": 6}, tmp_path / "t.h5"))
@@ -230,9 +236,102 @@ def test_unknown_name_and_bad_options(tmp_path):
 def test_dataset_ids():
     assert data.dataset_id({"name": "digits", "test_fraction": 0.2}) == "digits"
     assert data.dataset_id({"name": "digits", "test_fraction": 0.3}) == "digits-test0.3"
-    assert data.dataset_id({"name": "CIFAR10", "image_size": None}) == "CIFAR10"
+    assert data.dataset_id({"name": "digits", "root": "elsewhere"}) == "digits"
+    # pinned: the hash must not change between versions, or every study re-prepares
+    cifar = {"name": "CIFAR10", "root": "data", "image_size": None}
+    assert data.dataset_id(cifar) == "CIFAR10-a4a42510"
+    assert data.dataset_id({**cifar, "image_size": 16}) == "CIFAR10-16px-a4a42510"
+    for same in ("data/", "./data", "data//"):  # one folder, normalised
+        assert data.dataset_id({**cifar, "root": same}) == "CIFAR10-a4a42510"
     cfg = {"name": "ImageFolder", "root": "/d/imagenet", "class_list": None}
-    assert data.dataset_id({**cfg, "image_size": 64}) == "ImageFolder-imagenet-64px"
+    assert re.fullmatch(
+        f"ImageFolder-imagenet-64px-{HASH}", data.dataset_id({**cfg, "image_size": 64})
+    )
+
+
+def test_dataset_ids_tell_sources_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("CIFAR10", "MNIST"):
+        a = data.dataset_id({"name": name, "root": "a", "image_size": 16})
+        assert a != data.dataset_id({"name": name, "root": "b", "image_size": 16})
+        assert a == data.dataset_id({"name": name, "root": "a", "image_size": 16})
+
+    # ImageFolder: the same class list file name under two roots
+    for root in ("a", "b"):
+        write_image_folder(tmp_path / root, ["n1", "n2"])
+    Path("classes.txt").write_text("n1\nn2\n")
+    cfg = {"name": "ImageFolder", "root": "a", "class_list": "classes.txt"}
+    first = data.dataset_id(cfg)
+    assert re.fullmatch(f"ImageFolder-classes-{HASH}", first)
+    assert data.dataset_id({**cfg, "root": "b"}) != first
+    assert data.dataset_id(dict(cfg)) == first
+
+    # two roots with the same folder name, no class list
+    tree = {"name": "ImageFolder", "class_list": None}
+    x = data.dataset_id({**tree, "root": "x/tree"})
+    y = data.dataset_id({**tree, "root": "y/tree"})
+    assert (
+        x != y
+        and x.startswith("ImageFolder-tree-")
+        and y.startswith("ImageFolder-tree-")
+    )
+
+    # two class lists with one file stem in two folders: their classes decide
+    ids = {}
+    for folder, text in [("one", "n1\nn2\n"), ("two", "n2\nn1\n"), ("three", "n1\nn2")]:
+        Path(folder).mkdir()
+        Path(folder, "classes.txt").write_text(text)
+        ids[folder] = data.dataset_id({**cfg, "class_list": f"{folder}/classes.txt"})
+    assert ids["one"] != ids["two"]  # another order is other class ids
+    assert ids["one"] == ids["three"] == first  # same classes, same prepared data
+
+    # editing the class list gives a new id; a comment or blank line does not
+    Path("classes.txt").write_text("# two classes\nn1\n\nn2\n")
+    assert data.dataset_id(cfg) == first
+    Path("classes.txt").write_text("n1\n")
+    assert data.dataset_id(cfg) != first
+
+    # a class list found under the root, as prepare looks for it
+    Path("classes.txt").unlink()
+    (tmp_path / "a" / "classes.txt").write_text("n1\nn2\n")
+    assert data.dataset_id(cfg) == first
+    # a class list that is not there yet: its path stands in, deterministically
+    missing = {**cfg, "class_list": "nowhere/classes.txt"}
+    assert data.dataset_id(missing) == data.dataset_id(missing) != first
+
+
+@pytest.mark.slow
+def test_two_roots_prepare_two_files_in_the_workflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Snakemake's working directory, for the class list
+    for root in ("imf", "imf_b"):
+        write_image_folder(tmp_path / root, ["n1", "n2", "n3", "n4"])
+    (tmp_path / "classes.txt").write_text("n1\nn2\nn3\nn4\n")
+    image_folder = {"name": "ImageFolder", "class_list": "classes.txt", "image_size": 8}
+    # the data in defaults: at demo scale, `demo` overrides an experiment's overrides
+    demo = {k: v for k, v in TINY["demo"].items() if k != "data"}
+    demo |= {"tasks": {"classes": [[0, 1], [2, 3]], "iterations": 10}}
+    demo |= {"probe": {"size": 4}}
+    cfg = {**TINY, "defaults": {"data": {**image_folder, "root": "imf"}}, "demo": demo}
+    experiment = {
+        "grid": {"model.width": [8]},
+        "seeds": [0],
+        "figure": {"line": "width"},
+    }
+    cfg["experiments"] = {
+        "expa": {**experiment, "description": "Root imf."},
+        "expb": {
+            **experiment,
+            "description": "Root imf_b.",
+            "overrides": {"data": {"root": "imf_b"}},
+        },
+    }
+    write_config(tmp_path, cfg)
+    result = snakemake(tmp_path, "-n", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listing = result.stdout + result.stderr
+    prepared = set(re.findall(r"output: results/data/(\S+)\.h5", listing))
+    expected = {data.dataset_id({**image_folder, "root": r}) for r in ("imf", "imf_b")}
+    assert prepared == expected and len(prepared) == 2
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
