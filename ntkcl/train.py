@@ -313,7 +313,7 @@ def _train(
                 learning_rate=lr,
                 device=str(device),
                 torch_threads=torch.get_num_threads(),
-                dataset=Path(data_path).stem,
+                dataset=dataset.name,
                 ntkcl_version=__version__,
                 torch_version=str(torch.__version__),
                 python_version=platform.python_version(),

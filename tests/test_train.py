@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def test_archived_kernels_equal_per_example_autograd(tmp_path, digits, monkeypat
         assert not np.allclose(ds["ntk"][0].values, ds["ntk"][-1].values)
         assert json.loads(ds.attrs["config_json"])["run_id"] == "w8-fl-s0"
         assert ds.attrs["status"] == "complete"
+        assert ds.attrs["dataset"] == "digits"
     assert not (tmp_path / "work" / "archive.h5").exists()
 
 
@@ -149,3 +151,12 @@ def test_a_checkpoint_of_another_configuration_is_a_user_error(tmp_path):
     with pytest.raises(ValueError, match="different configuration.*delete"):
         train._load_checkpoint(path, "cpu", '{"a": 2}', "w64-s0")
     assert train._load_checkpoint(path, "cpu", '{"a": 1}', "w64-s0") is not None
+
+
+def test_the_archive_records_the_prepared_files_id_not_its_name(tmp_path, digits):
+    custom = tmp_path / "custom.h5"
+    shutil.copy(digits, custom)
+    out = tmp_path / "run.h5"
+    assert train.train_run(tiny_run(), custom, out, tmp_path / "work") == "complete"
+    with xr.open_dataset(out, engine="h5netcdf") as ds:
+        assert ds.attrs["dataset"] == "digits"
