@@ -23,6 +23,8 @@ import difflib
 import functools
 import itertools
 import json
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,33 @@ def _format_error(error: jsonschema.ValidationError, where: str) -> str:
         message += f"; allowed keys here: {allowed}"
     elif error.validator == "oneOf" and "description" in error.schema:
         message += f" ({error.schema['description'].strip()})"
+    if _is_typed_text(error):
+        message += f" (it is the text {error.instance!r}; {_TEXT_NOTE_MARK})"
     return f"{location}: {message}"
+
+
+_TEXT_NOTE_MARK = "see the note on --config below"
+_TEXT_NOTE = (
+    "Note on --config: Snakemake converts only top-level `--config` values "
+    "(scale=demo, only=[...]); a value nested in one, as in "
+    "\"defaults={'optim': {'lr': 0.1}}\", arrives as text ('0.1') and fails the "
+    "checks above. Put nested settings in a YAML file (defaults: {optim: {lr: 0.1}}) "
+    "and pass it with `--configfile my-settings.yaml`: it is merged over config.yaml."
+)
+
+
+def _is_typed_text(error: jsonschema.ValidationError) -> bool:
+    """Is the failing value a string that YAML would read as a number, boolean,
+    null or list, the way Snakemake leaves values nested in ``--config``?"""
+    if error.validator not in ("type", "oneOf", "anyOf"):
+        return False
+    if not isinstance(error.instance, str):
+        return False
+    try:
+        value = yaml.safe_load(error.instance)
+    except yaml.YAMLError:
+        return False
+    return not isinstance(value, str | dict)
 
 
 def _schema_errors(instance: Any, schema: dict, where: str) -> list[str]:
@@ -168,7 +196,13 @@ def validate_config(config: dict, source: str = "config") -> None:
                             f"{', '.join(sorted(leaves))} (seeds go in `seeds`)"
                         )
         for name, experiment in config["experiments"].items():
-            problems += _figure_problems(name, experiment, source)
+            try:
+                experiment_dimensions(experiment)
+            except ConfigError as error:
+                problems.append(f"{source}.experiments.{name}.grid: {error}")
+                continue
+            figure = _figure_problems(name, experiment, source)
+            problems += figure or _layout_problems(name, experiment, source)
         for name in config.get("only", []):
             if name not in config["experiments"]:
                 why = unknown_experiment(config, "", name)
@@ -199,6 +233,8 @@ def validate_config(config: dict, source: str = "config") -> None:
         for message, where in failing.items():
             more = f" and {len(where) - 1} other run(s)" if len(where) > 1 else ""
             problems.append(f"{source} ({where[0]}{more}): {message}")
+    if any(_TEXT_NOTE_MARK in problem for problem in problems):
+        problems.append(_TEXT_NOTE)
     if problems:
         listing = "\n  - ".join(dict.fromkeys(problems))
         raise ConfigError(f"Invalid configuration:\n  - {listing}")
@@ -211,9 +247,7 @@ DERIVED_COORDINATES = ("similarity",)
 
 def _figure_problems(name: str, experiment: dict, source: str) -> list[str]:
     """``figure`` entries that name no dimension of the experiment's runs."""
-    demo = experiment.get("demo") or {}
-    keys = {**experiment.get("grid", {}), **demo.get("grid", {})}
-    dims = [param_name(key) for key in keys] + ["seed"]
+    dims = [*experiment_dimensions(experiment).values(), "seed"]
     figure = experiment.get("figure", {})
     allowed = {"line": dims, "row": dims, "summary": dims + list(DERIVED_COORDINATES)}
     return [
@@ -224,26 +258,147 @@ def _figure_problems(name: str, experiment: dict, source: str) -> list[str]:
     ]
 
 
+def figure_layout(figure: dict, dims: list[str]) -> dict[str, str | None]:
+    """The ``line`` and ``row`` of an experiment's figure (the workflow's plot rule
+    draws this layout).
+
+    ``dims`` are the run dimensions other than ``seed``, in grid order. Unset, the
+    line is the first of them (or ``seed``), and the row the first one that is not
+    the line, if any.
+    """
+    line = figure.get("line") or (dims[0] if dims else "seed")
+    row = figure.get("row")
+    if row is None:
+        row = next((d for d in dims if d != line), None)
+    return {"line": line, "row": row}
+
+
+def _layout_problems(name: str, experiment: dict, source: str) -> list[str]:
+    """Figure layouts the plot would reject after every run has trained: line and
+    row on one dimension, or a run dimension with several values in neither."""
+    names = experiment_dimensions(experiment)
+    demo = experiment.get("demo")
+    grids = {"paper": dict(experiment.get("grid", {}))}
+    if demo is not False:
+        grids["demo"] = {**grids["paper"], **(demo or {}).get("grid", {})}
+    found: dict[str, list[str]] = {}  # problem -> the scales it occurs at
+    for scale, grid in grids.items():
+        dims = [names[key] for key in grid]
+        layout = figure_layout(experiment.get("figure", {}), dims)
+        line, row = layout["line"], layout["row"]
+        left = {
+            names[key]: values
+            for key, values in grid.items()
+            if names[key] not in (line, row) and len(values) > 1
+        }
+        if line == row:
+            problem = (
+                f"line and row are both {line!r}; draw two different run "
+                f"dimensions (of {[*dims, 'seed']})"
+            )
+        elif left:  # (row is set: figure_layout fills it when there is another)
+            problem = (
+                f"the figure draws one line per {line} and one row per {row}, which "
+                f"leaves no place for {left}; a figure shows two run dimensions "
+                "besides the averaged seeds, so grid over fewer settings"
+            )
+        else:
+            continue
+        found.setdefault(problem, []).append(scale)
+    where = f"{source}.experiments.{name}.figure"
+    return [
+        f"{where} ({' and '.join(scales)} scale): {problem}"
+        for problem, scales in found.items()
+    ]
+
+
 def param_name(key: str) -> str:
-    """The dimension name of a grid key: its last part (``model.width`` -> width)."""
+    """The short name of a grid key: its last part (``model.width`` -> width)."""
     return key.rsplit(".", 1)[-1]
 
 
-def _format_value(value: Any) -> str:
+RESERVED_DIMS = ("seed", "step", "task", *DERIVED_COORDINATES)
+"""Names a grid dimension cannot take: the run seed, the metrics' own dims and the
+coordinates that ``ntkcl.reduce.aggregate`` derives."""
+
+
+def dimension_names(keys: Iterable[str]) -> dict[str, str]:
+    """The run dimension of each grid key, as in run params, metrics and figures.
+
+    A key is named by its last part (``model.width`` -> width) unless that name is
+    reserved (:data:`RESERVED_DIMS`) or shared with another of ``keys``; then by the
+    whole key with ``_`` for ``.`` (``probe.seed`` -> probe_seed, as the run seed
+    is ``seed``). ``keys`` are all the grid keys of one experiment (with those of its
+    demo grid), so a key has the same name at both scales.
+
+    Raises:
+        ConfigError: two keys would still share a name.
+    """
+    keys = list(dict.fromkeys(keys))
+    counts = Counter(param_name(key) for key in keys)
+    names = {}
+    for key in keys:
+        short = param_name(key)
+        clash = counts[short] > 1 or short in RESERVED_DIMS
+        names[key] = key.replace(".", "_") if clash else short
+    taken = Counter(names.values())
+    clashes = sorted(
+        key for key, name in names.items() if taken[name] > 1 or name in RESERVED_DIMS
+    )
+    if clashes:
+        named = ", ".join(f"{key} -> {names[key]}" for key in clashes)
+        raise ConfigError(
+            f"Grid keys get no distinct run dimension names ({named}; "
+            f"{list(RESERVED_DIMS)} are taken); grid over one of them only."
+        )
+    return names
+
+
+def experiment_dimensions(experiment: dict) -> dict[str, str]:
+    """:func:`dimension_names` of an experiment's grid keys, demo grid included."""
+    demo = experiment.get("demo") or {}
+    return dimension_names([*experiment.get("grid", {}), *demo.get("grid", {})])
+
+
+def format_value(value: Any) -> str:
+    """A grid value as written in run ids and in string coordinates.
+
+    Floats keep 6 significant digits (``0.25``, ``1e-05``); a list of numbers joins
+    with ``x`` (``[250, 2000]`` -> ``250x2000``); a list of lists joins its lists
+    with ``_`` (``[[0, 1], [2, 3]]`` -> ``0x1_2x3``), one more ``_`` per further
+    level of nesting, so the task boundaries of ``tasks.classes`` stay visible.
+    """
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):
-        return "x".join(_format_value(v) for v in value)
+    if isinstance(value, list | tuple):
+        depth = _nesting(value)
+        separator = "x" if depth <= 1 else "_" * (depth - 1)
+        return separator.join(format_value(v) for v in value)
     return str(value)
 
 
-def make_run_id(point: dict[str, Any], seed: int) -> str:
+def _nesting(value: Any) -> int:
+    """How deeply lists nest in ``value`` (0 for a scalar, 1 for a flat list)."""
+    if isinstance(value, list | tuple):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    return 0
+
+
+def make_run_id(
+    point: dict[str, Any], seed: int, names: dict[str, str] | None = None
+) -> str:
     """A readable id from a grid point, e.g. ``{"model.width": 1024, "regime": "lazy"}``
-    with seed 0 gives ``w1024-lazy-s0``."""
+    with seed 0 gives ``w1024-lazy-s0``.
+
+    Each value follows its key's prefix (``w``, ``lr``, ... or none), or else its
+    dimension name from ``names`` (default :func:`dimension_names` of the point's
+    keys), e.g. ``probe_seed1-s0``; values are written by :func:`format_value`.
+    """
+    names = names or dimension_names(point)
     parts = []
     for key, value in point.items():
-        prefix = _ID_PREFIX.get(key, param_name(key))
-        parts.append(f"{prefix}{_format_value(value)}")
+        prefix = _ID_PREFIX.get(key, names[key])
+        parts.append(f"{prefix}{format_value(value)}")
     parts.append(f"s{seed}")
     return "-".join(parts).replace("/", "_")
 
@@ -274,29 +429,44 @@ def expand_runs(config: dict, scale: str | None = None) -> dict[str, list[dict]]
             settings = deep_merge(settings, demo.get("overrides", {}))
             grid.update(demo.get("grid", {}))
             seeds = demo.get("seeds", seeds)
+        names = experiment_dimensions(experiment)
         runs[name] = []
+        points: dict[str, dict] = {}  # run id -> grid point, to explain a clash
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values, strict=True))
             for seed in seeds:
                 run = copy.deepcopy(settings)
                 for key, value in point.items():
                     set_dotted(run, key, value)
-                params = {param_name(k): v for k, v in point.items()}
+                run_id = make_run_id(point, seed, names)
+                if run_id in points:
+                    raise ConfigError(
+                        _duplicate_id(name, run_id, points[run_id], point)
+                    )
+                points[run_id] = point
+                params = {names[k]: v for k, v in point.items()}
                 run.update(
-                    run_id=make_run_id(point, seed),
+                    run_id=run_id,
                     experiment=name,
                     scale=scale,
                     seed=seed,
                     params={**params, "seed": seed},
                 )
                 runs[name].append(run)
-        ids = [r["run_id"] for r in runs[name]]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(
-                f"Experiment {name!r} expands to duplicate run ids {sorted(ids)}; "
-                "make the grid values distinct."
-            )
     return runs
+
+
+def _duplicate_id(experiment: str, run_id: str, first: dict, second: dict) -> str:
+    """Why two grid points of ``experiment`` get the same run id, and the fix."""
+    if first == second:
+        why = f"its grid lists the point {second} twice; remove the repeated value"
+    else:
+        why = (
+            f"the grid points {first} and {second} are written alike (run ids keep "
+            "6 significant digits of a float and write '/' as '_'); use grid values "
+            "that stay distinct when written so"
+        )
+    return f"Experiment {experiment!r} gives two runs the id {run_id!r}: {why}."
 
 
 def unknown_experiment(config: dict, scale: str, experiment: str) -> str:

@@ -10,8 +10,9 @@ Two run properties are derived for every run, so that experiments can be read
 against them: ``similarity``, the class similarity ``|C0 ∩ C1| / |C0 ∪ C1|`` of
 the first two tasks (read from the run's config; the class-overlap experiment's
 x axis), kept by ``aggregate`` as a coordinate when it differs between runs; and
-list-valued grid parameters (``tasks.iterations: [250, 2000]``), which become
-string coordinates written like the run ids (``250x2000``), in numeric order.
+list-valued grid parameters (``tasks.iterations: [250, 2000]``, or
+``tasks.classes: [[0, 1], [2, 3]]``), which become string coordinates written
+like the run ids (``250x2000``, ``0x1_2x3``), in numeric order.
 The metric definitions live in :mod:`ntkcl.metrics`.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 import xarray as xr
 
 from ntkcl import metrics
+from ntkcl.config import format_value
 
 logger = logging.getLogger(__name__)
 
@@ -272,16 +274,11 @@ def _hashable(value):
 
 
 def _coordinate(level: list) -> np.ndarray:
-    """A dimension's sorted values as a coordinate; tuples as ``250x2000``."""
+    """A dimension's sorted values as a coordinate; tuples written as in run ids
+    (``250x2000``, or ``0x1_2x3`` for one class list per task)."""
     if not any(isinstance(v, tuple) for v in level):
         return np.asarray(level)
-
-    def text(value):
-        if isinstance(value, tuple):
-            return "x".join(text(v) for v in value)
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    return np.asarray([text(v) for v in level])
+    return np.asarray([format_value(v) for v in level])
 
 
 def _long_name(dim: str, level: list) -> str:
@@ -309,8 +306,10 @@ def _run_grid(runs: list[xr.Dataset], dims: list[str]) -> tuple[list, list]:
         if key in seen:
             point = dict(zip(dims, key, strict=True))
             raise ValueError(
-                f"Runs {seen[key]!r} and {run_id!r} share the grid point {point}; "
-                "add the parameter that tells them apart to dims."
+                f"Runs {seen[key]!r} and {run_id!r} share the grid point {point}: "
+                f"no parameter among the run dims {dims} tells them apart. Pass "
+                "dims that include every parameter of the runs' params_json (the "
+                "default), and aggregate only runs of one experiment and scale."
             )
         seen[key] = run_id
     try:

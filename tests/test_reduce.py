@@ -299,3 +299,30 @@ def test_list_valued_parameters_become_readable_coordinates_in_order():
     np.testing.assert_allclose(
         combined["alignment"].sel(iterations="1000x20", seed=0), runs[0]["alignment"]
     )
+
+
+def test_nested_list_parameters_keep_their_structure_in_coordinates():
+    classes = ([[0, 1], [2, 3]], [[0], [1, 2, 3]], [[0, 1, 2], [3]])
+    runs = [
+        reduce.reduce_archive(
+            make_archive("trace", params={"classes": value, "seed": 0})
+        )
+        for value in classes
+    ]
+    combined = reduce.aggregate(runs)
+    assert list(combined["classes"].values) == ["0_1x2x3", "0x1_2x3", "0x1x2_3"]
+    np.testing.assert_allclose(
+        combined["alignment"].sel(classes="0x1_2x3", seed=0), runs[0]["alignment"]
+    )
+
+
+def test_a_probe_seed_dimension_sits_beside_the_run_seed():
+    runs = [
+        reduce.reduce_archive(
+            make_archive("trace", params={"probe_seed": p, "seed": s}, seed=p + s)
+        )
+        for p in (0, 1)
+        for s in (0, 1)
+    ]
+    combined = reduce.aggregate(runs)
+    assert dict(combined.sizes) == {"probe_seed": 2, "seed": 2, "step": 5, "task": 2}

@@ -87,11 +87,7 @@ def figure_settings(experiment):
 def figure_layout(wildcards):
     figure = figure_settings(wildcards.experiment)
     dims = [d for d in run_dims(wildcards) if d != "seed"]
-    line = figure.get("line") or (dims[0] if dims else "seed")
-    row = figure.get("row")
-    if row is None and len(dims) > 1:
-        row = next(d for d in dims if d != line)
-    return {"line": line, "row": row}
+    return ntkcl_config.figure_layout(figure, dims)
 
 
 def experiment_description(wildcards):
