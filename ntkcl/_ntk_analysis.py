@@ -207,7 +207,7 @@ def record(model: nn.Module, specs: list[LayerSpec], x: Tensor):
     return out, calls
 
 
-def _param_uses(out: Tensor) -> dict[int, int]:
+def param_uses(out: Tensor) -> dict[int, int]:
     """Count autograd edges into every leaf reachable from ``out``, by id(leaf)."""
     uses: dict[int, int] = {}
     seen = set()
@@ -252,7 +252,7 @@ def probe(model: nn.Module, x: Tensor, specs: list[LayerSpec]) -> tuple[Tensor, 
     for call in chain.from_iterable(calls):
         if call is not None:
             call.is_output = call.out is out
-    uses = _param_uses(out) if isinstance(out, Tensor) and out.grad_fn else {}
+    uses = param_uses(out) if isinstance(out, Tensor) and out.grad_fn else {}
     num_logits = out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 else -1
     b = max(1, x.shape[0])
     return out, Probe(num_logits, saved[0] // b, uses, calls, b)

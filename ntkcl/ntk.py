@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import numbers
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ntkcl._ntk_analysis import Unsupported
+from ntkcl._ntk_analysis import Unsupported, param_uses
 from ntkcl._ntk_blocks import Blocking, contract, finish, new_kernel
 from ntkcl._ntk_plan import NTKPlan, make_plan, structured_refusal
 
@@ -98,8 +99,9 @@ def empirical_ntk(
         kind: ``"full"`` ``(n1, n2, K, K)``, ``"diagonal"`` ``(n1, n2, K)`` or
             ``"trace"`` ``(n1, n2)``, the sum over logits.
         dtype: compute dtype; None keeps the model's. Another dtype (e.g.
-            ``torch.float64``) converts the model's floating parameters and
-            buffers for the call and puts the original tensors back after.
+            ``torch.float64``) computes on a converted copy of the model; a
+            model whose hooks or closures hold its own parameters cannot be
+            copied so (ValueError: convert it yourself).
         implementation: ``"auto"``, ``"structured"`` (raises ValueError for a
             network it cannot compute exactly) or ``"jacobian"``.
         memory_budget: bytes of working memory (factors, Jacobian blocks,
@@ -251,46 +253,59 @@ def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
         for store in (m._parameters, m._buffers)
         for name, tensor in store.items()
     ]
-    # another compute dtype converts the model in place rather than a copy: a hook
-    # or closure that reaches a parameter through a reference of the model's own
-    # then sees the converted one (a copy's would still read the original)
-    converted = []
     try:
         with torch.inference_mode(False), torch.enable_grad():
             model.eval()
-            if compute_dtype != model_dtype:
-                _convert(model, compute_dtype, converted)
+            net = model
             x1c = _as_input(x1, device, compute_dtype)
-            yield model, x1c, _as_input(x2, device, compute_dtype), compute_dtype
+            if compute_dtype != model_dtype:
+                net = copy.deepcopy(model).to(compute_dtype)
+                _check_copy(model, net, _as_input(x1, device, model_dtype), x1c)
+            yield net, x1c, _as_input(x2, device, compute_dtype), compute_dtype
     finally:
         for m, training in modes:
             m.training = training
-        for param, data in converted:
-            param.data = data
         for store, name, tensor in slots:
             if store.get(name) is not tensor:
                 store[name] = tensor
 
 
-def _convert(model: nn.Module, dtype, converted: list[tuple[Tensor, Tensor]]) -> None:
-    """Give the model's floating parameters and buffers ``dtype``, as
-    ``model.to(dtype)`` would, adding each parameter and its original data to
-    ``converted`` as it goes (so that an error half-way loses nothing).
+def _check_copy(model: nn.Module, copied: nn.Module, x1: Tensor, x1c: Tensor) -> None:
+    # x1: the inputs in the model's own dtype, x1c: in the copy's
+    """Refuse a converted copy that still reads the original model's parameters.
 
-    Parameters keep their identity (their ``.data`` is swapped: references held
-    elsewhere, by an optimizer or a closure, see the converted values); buffers are
-    replaced in their modules (:func:`_prepared` records and puts back the
-    originals of both).
+    ``dtype=`` computes on ``copy.deepcopy(model).to(dtype)``; a hook or closure
+    that holds one of the model's parameters (or layers) keeps pointing at the
+    original, so the copy's kernel would miss that dependency or fail on mixed
+    dtypes. One forward of the copy on the first two examples shows it: such a
+    parameter is a leaf of the copy's graph. Conversion in place is no way out: it
+    loses hooks on the parameters' gradient accumulators and fails for inference
+    tensors.
     """
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            converted.append((param, param.data))
-            param.data = param.data.to(dtype)
-    done: dict[int, Tensor] = {}  # a buffer registered twice converts once
-    for m in model.modules(remove_duplicate=False):
-        for name, buf in m._buffers.items():
-            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
-                m._buffers[name] = done.setdefault(id(buf), buf.to(dtype))
+    fix = (
+        "a copy does not follow references the model holds itself (hooks, closures, "
+        "functools.partial); convert the model yourself (e.g. model.double()) and "
+        "pass dtype=None"
+    )
+    try:
+        out = copied(x1c[:2].clone())
+    except (RuntimeError, IndexError, TypeError) as exc:
+        try:  # a model that fails in its own dtype too: the plan's probe says why
+            with torch.no_grad():
+                model(x1[:2].clone())
+        except Exception:
+            return
+        raise ValueError(
+            f"the model runs in its own dtype but fails on a converted copy of "
+            f"itself ({exc}): {fix}."
+        ) from exc
+    leaves = param_uses(out) if isinstance(out, Tensor) and out.grad_fn else {}
+    foreign = [name for name, p in model.named_parameters() if id(p) in leaves]
+    if foreign:
+        raise ValueError(
+            f"the converted copy of the model still uses the original's parameters "
+            f"{foreign}: {fix}."
+        )
 
 
 def _run(provider, blocking: Blocking, x1, x2, kind: str, plan: NTKPlan) -> Tensor:

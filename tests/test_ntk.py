@@ -1,5 +1,6 @@
 """Tests of ntkcl.ntk against a brute-force per-example autograd Jacobian."""
 
+import copy
 import logging
 import types
 
@@ -697,7 +698,7 @@ def test_mode_and_parameters_are_restored():
     assert_close(first, reference(net, x))
 
 
-def test_float64_converts_in_place_and_float32_agrees():
+def test_float64_on_a_copy_and_float32_agrees():
     torch.manual_seed(0)
     net = mlp(nn.Tanh())  # smooth: no ReLU kinks that rounding could flip
     x = inputs("mlp", 5, 1).float()
@@ -712,37 +713,62 @@ def test_float64_converts_in_place_and_float32_agrees():
     assert_close(double, reference(net.double(), x.double()))
 
 
-class BatchNormHook(nn.Module):
-    """A hook that reads another layer's weight through a reference of its own,
-    with BatchNorm buffers: float64 must see the converted weight and buffers."""
+class HookOnOwnWeight(nn.Module):
+    """A hook that reads another layer's weight through a reference of its own
+    (``reads="weight"``) or calls that layer (``reads="layer"``): a converted copy
+    of the model still reaches the original."""
 
-    def __init__(self):
+    def __init__(self, reads: str):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.Tanh(), nn.Linear(6, 3)
-        )
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
         first = self.net[0]
-        self.net[2].register_forward_hook(lambda m, i, o: o + first.weight.sum())
-        self.net[1].running_mean.normal_()
+        if reads == "weight":
+            hook = lambda m, i, o: o + first.weight.sum()  # noqa: E731
+        else:
+            hook = lambda m, i, o: o + first(i[0][:, :5] * 0 + 1).sum()  # noqa: E731
+        self.net[1].register_forward_hook(hook)
 
     def forward(self, x):
         return self.net(x)
 
 
-@pytest.mark.parametrize("path", ["auto", "jacobian"])
-def test_float64_reaches_parameters_through_the_models_own_references(path):
+@pytest.mark.parametrize(
+    "reads, match",
+    [("weight", r"still uses the original's parameters \['net.0.weight'\]"),
+     ("layer", "fails on a converted copy")],
+)  # fmt: skip
+def test_float64_refuses_a_model_that_its_copy_cannot_convert(reads, match):
     torch.manual_seed(0)
-    net, x = BatchNormHook(), inputs("mlp", 4, 1).float()
-    net(x).sum().backward()  # a .grad to keep
-    params = {n: (p, p.data, p.grad.clone()) for n, p in net.named_parameters()}
-    buffers = dict(net.named_buffers())
-    got = empirical_ntk(net, x, kind="full", dtype=torch.float64, implementation=path)
-    for name, (param, data, grad) in params.items():
-        now = dict(net.named_parameters())[name]
-        assert now is param and now.data.data_ptr() == data.data_ptr(), name
-        assert now.dtype == torch.float32 and torch.equal(now.grad, grad), name
-    assert all(b is buffers[n] for n, b in net.named_buffers())
-    assert_close(got, reference(net.double(), x.double()))
+    net, x = HookOnOwnWeight(reads), inputs("mlp", 4, 1).float()
+    before = [(p, p.data_ptr()) for p in net.parameters()]
+    assert empirical_ntk(net, x).dtype == torch.float32  # its own dtype: fine
+    with pytest.raises(ValueError, match=match + ".*model.double"):
+        empirical_ntk(net, x, dtype=torch.float64)
+    after = list(net.parameters())
+    pairs = zip(before, after, strict=True)
+    assert all(p is q and p.data_ptr() == ptr for (p, ptr), q in pairs)
+    assert all(p.dtype == torch.float32 for p in after)
+    # converted by the user, the same model is exact
+    net.double()
+    x = x.double()
+    assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
+
+
+def test_float64_of_a_model_built_in_inference_mode():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        net = mlp(nn.Tanh()).float()
+    x = inputs("mlp", 4, 1).float()
+    got = empirical_ntk(net, x, kind="full", dtype=torch.float64)
+    assert_close(got, reference(mlp_copy(net).double(), x.double()))
+
+
+def mlp_copy(net: nn.Module) -> nn.Module:
+    """``net`` with ordinary (not inference) tensors, for the reference."""
+    clone = copy.deepcopy(net)
+    for p in clone.parameters():
+        p.data = p.data.clone()
+    return clone
 
 
 def test_a_compiled_model_is_computed_on_the_module_it_wraps(recwarn):
