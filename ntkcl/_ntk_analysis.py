@@ -13,6 +13,7 @@ Anything else raises :class:`Unsupported`, and the caller uses the generic path.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -114,6 +115,9 @@ def replaced_on_instance(mod: nn.Module) -> str | None:
     return next((name for name in names if name in vars(mod)), None)
 
 
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
 def patched_class(cls: type) -> str | None:
     """A method of a torch layer class (or the function it calls) that something
     replaced on the class or in ``torch.nn.functional`` (a patch for every
@@ -121,8 +125,9 @@ def patched_class(cls: type) -> str | None:
     computes, so such a layer must go to the generic path."""
     methods = ["forward"] + (["_conv_forward"] if issubclass(cls, nn.Conv2d) else [])
     for name in methods:
-        fn = getattr(cls, name, None)
-        if not getattr(fn, "__module__", "").startswith("torch.nn.modules."):
+        # the code's file, not __module__, which functools.wraps copies over
+        code = getattr(getattr(cls, name, None), "__code__", None)
+        if code is None or not os.path.abspath(code.co_filename).startswith(_TORCH):
             return f"{cls.__name__}.{name}"
     if cls is nn.Linear and F.linear is not torch._C._nn.linear:
         return "torch.nn.functional.linear"

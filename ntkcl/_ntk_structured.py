@@ -315,7 +315,15 @@ class Structured:
                     h = m(h)
                 elif cls is nn.ReLU:
                     saved[-1] = (h > 0).to(h.dtype)
+                    expected = h * saved[-1]
                     h = m(h)
+                    # the mask is ReLU's derivative only if the module computes
+                    # max(x, 0): F.relu or torch.relu may be patched
+                    if not ((h == expected) | h.isnan()).all():
+                        raise Unsupported(
+                            f"ReLU {i} of the chain does not compute max(x, 0) "
+                            "(torch.relu or F.relu patched?)"
+                        )
                 else:
                     with torch.enable_grad():
                         z = h.detach().requires_grad_()

@@ -1,6 +1,7 @@
 """Tests of ntkcl.ntk against a brute-force per-example autograd Jacobian."""
 
 import copy
+import functools
 import logging
 import types
 
@@ -460,10 +461,16 @@ def _scaled_functional_linear(t, weight, bias=None):
     return _original_linear(t, 2 * weight, bias)
 
 
+@functools.wraps(nn.Linear.forward)
+def _wrapped_linear(self, t):  # a patch that looks like torch's own
+    return 2 * F.linear(t, self.weight, self.bias)
+
+
 # patches on a class or in torch.nn.functional (every instance), with the path
 # they leave and why: the structured path computes what torch's own layers compute
 CLASS_PATCHES = {
     "Linear.forward": (nn.Linear, "forward", _scaled_linear, "jacobian"),
+    "wrapped Linear.forward": (nn.Linear, "forward", _wrapped_linear, "jacobian"),
     "functional.linear": (F, "linear", _scaled_functional_linear, "jacobian"),
     "Conv2d._conv_forward": (
         nn.Conv2d,
@@ -489,6 +496,20 @@ def test_layers_patched_on_their_class_stay_exact(patch, monkeypatch):
     else:
         assert plan.cotangents == "autograd"
     assert_close(empirical_ntk(net, x1, x2, kind="full"), reference(net, x1, x2))
+
+
+@pytest.mark.parametrize("target", [F, torch])
+def test_a_patched_relu_function_is_caught_when_computing(target, monkeypatch, caplog):
+    # nn.ReLU's forward is torch's own, but the function it calls is not: the
+    # chain's mask would be the wrong derivative
+    leaky = functools.partial(F.leaky_relu, negative_slope=0.3)
+    monkeypatch.setattr(target, "relu", lambda t, inplace=False: leaky(t))
+    net, x1, x2 = network("mlp-relu"), inputs("mlp", 4, 1), inputs("mlp", 3, 2)
+    assert plan_ntk(net, x1).method == "structured, chain cotangents"
+    with caplog.at_level(logging.INFO, logger="ntkcl.ntk"):
+        got = empirical_ntk(net, x1, x2, kind="full")
+    assert "does not compute max(x, 0)" in caplog.text
+    assert_close(got, reference(net, x1, x2))
 
 
 def prelu_cnn():
