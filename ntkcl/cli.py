@@ -281,12 +281,15 @@ def _cmd_inspect(args) -> int:
 
     with _reading(args.archive), archive.open_archive(args.archive) as ds:
         problems = inspection.check(ds)
-        if args.validate:
+        info = None
+        if not args.validate:
+            try:
+                info = inspection.summary(ds, args.archive)
+            except OSError:  # a damaged variable, already among the problems
+                args.validate = True
+        if info is None:
             info = {"file": str(args.archive), "dumps": ds.sizes["step"]}
-            info["problems"] = problems
-        else:
-            info = inspection.summary(ds, args.archive)
-            info["problems"] = problems
+        info["problems"] = problems
         if args.step is not None:
             try:
                 info["spectrum"] = inspection.spectrum(ds, args.step)

@@ -94,12 +94,23 @@ def test_every_variable_has_checksums(tmp_path):
     assert not unchecked
 
 
-def test_a_damaged_logits_chunk_is_named(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name, chunk, expected",
+    [
+        ("logits", 2, "logits cannot be read at dump(s) [2]"),
+        ("probe_label", 0, "probe_label cannot be read"),
+        ("active_task", 0, "active_task cannot be read at dump(s)"),
+    ],
+)
+def test_a_damaged_chunk_of_any_variable_is_named(
+    tmp_path, capsys, name, chunk, expected
+):
     path = _make(tmp_path / "a.h5", "trace")
     archive.finish(path)
-    _flip_a_byte(path, "logits", 2)
-    status, out, _ = inspect(capsys, path, "--validate")
-    assert status == 1 and "logits cannot be read at dump(s) [2]" in out
+    _flip_a_byte(path, name, chunk)
+    for args in (["--validate"], []):  # the summary gives way to the problems
+        status, out, err = inspect(capsys, path, *args)
+        assert status == 1 and expected in out, err
 
 
 def test_a_damaged_chunk_is_named_and_the_rest_still_read(tmp_path, capsys):
