@@ -40,10 +40,11 @@ a prepared file only when it would hold the same data:
 ``-<size>px`` goes before the hash whenever ``image_size`` is set:
 ``ImageFolder-imagenet100-32px-<hash>``. ``<hash>`` is the first 8 hex digits of
 the SHA-256 of a compact, key-sorted JSON object (``_source_key``): ``root`` as
-written, normalised by ``os.path.normpath`` but not resolved (all jobs of a
-workflow share one working directory, and a study folder can move without its ids
-changing), and for ImageFolder the class list's class names in order (comments
-and blank lines do not count; while the file is not found, its path as written).
+written, normalised (``posixpath.normpath``, ``/`` on every platform) but not
+resolved (all jobs of a workflow share one working directory, and a study folder
+can move without its ids changing), and for ImageFolder the class list's class
+names in order (comments and blank lines do not count; while the file is not
+found, its path as written).
 So one config always gets one id, while another ``root`` or an edited class list
 gets a new id and is prepared anew. Not hashed: the images themselves (nor,
 without a class list, the set of class folders); after changing a tree in place,
@@ -60,6 +61,7 @@ import inspect
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -155,15 +157,20 @@ def _source_key(data_cfg: dict) -> dict:
     """What a dataset id hashes: where the raw data is read from, and for
     ImageFolder which classes in which order (see the module docstring)."""
     root = str(data_cfg.get("root") or ".")
-    key: dict = {"root": os.path.normpath(root)}
+    key: dict = {"root": _portable(root)}
     if data_cfg["name"] == "ImageFolder" and data_cfg.get("class_list"):
         given = str(data_cfg["class_list"])
         found = _find_class_list(Path(root), given)  # as prepare looks for it
         if found is None:
-            key["class_list"] = os.path.normpath(given)
+            key["class_list"] = _portable(given)
         else:
             key["classes"] = _read_class_list(found)
     return key
+
+
+def _portable(path: str) -> str:
+    """``path`` normalised with ``/`` on every platform, so ids do not depend on it."""
+    return posixpath.normpath(path.replace(os.sep, "/"))
 
 
 def _find_class_list(root: Path, given: str) -> Path | None:
