@@ -315,7 +315,7 @@ class Structured:
                     h = m(h)
                 elif cls is nn.ReLU:
                     saved[-1] = (h > 0).to(h.dtype)
-                    expected = h * saved[-1]
+                    expected = h.clamp(min=0)
                     h = m(h)
                     # the mask is ReLU's derivative only if the module computes
                     # max(x, 0): F.relu or torch.relu may be patched

@@ -151,9 +151,8 @@ def plan_ntk(
     """The plan :func:`empirical_ntk` would follow for these arguments.
 
     Runs one forward pass on the first two examples of ``x1`` (in eval mode,
-    restored after)
-    and, on the jacobian path, the Jacobians of up to 3 examples (the check that
-    picks how that path takes them).
+    restored after) and, on the jacobian path, the Jacobians of up to 3 examples
+    (the check that picks how that path takes them).
     Arguments as for :func:`empirical_ntk`.
 
     Returns:
