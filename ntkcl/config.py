@@ -258,18 +258,20 @@ def _figure_problems(name: str, experiment: dict, source: str) -> list[str]:
     ]
 
 
-def figure_layout(figure: dict, dims: list[str]) -> dict[str, str | None]:
+def figure_layout(figure: dict, sizes: dict[str, int]) -> dict[str, str | None]:
     """The ``line`` and ``row`` of an experiment's figure (the workflow's plot rule
     draws this layout).
 
-    ``dims`` are the run dimensions other than ``seed``, in grid order. Unset, the
-    line is the first of them (or ``seed``), and the row the first one that is not
-    the line, if any.
+    ``sizes`` maps the run dimensions other than ``seed``, in grid order, to their
+    number of values. Unset, the line is the first dimension with several values
+    (else the first, else ``seed``), and the row the next one with several values
+    (else none: a dimension with one value needs no place).
     """
-    line = figure.get("line") or (dims[0] if dims else "seed")
+    several = [d for d, n in sizes.items() if n > 1]
+    line = figure.get("line") or next(iter(several or sizes), "seed")
     row = figure.get("row")
     if row is None:
-        row = next((d for d in dims if d != line), None)
+        row = next((d for d in several if d != line), None)
     return {"line": line, "row": row}
 
 
@@ -284,7 +286,8 @@ def _layout_problems(name: str, experiment: dict, source: str) -> list[str]:
     found: dict[str, list[str]] = {}  # problem -> the scales it occurs at
     for scale, grid in grids.items():
         dims = [names[key] for key in grid]
-        layout = figure_layout(experiment.get("figure", {}), dims)
+        sizes = {names[key]: len(values) for key, values in grid.items()}
+        layout = figure_layout(experiment.get("figure", {}), sizes)
         line, row = layout["line"], layout["row"]
         left = {
             names[key]: values

@@ -272,9 +272,17 @@ def test_a_line_per_seed_puts_the_grid_dimension_in_the_rows(cfg):
         cfg, grid={"probe.seed": [0, 1]}, seeds=[0, 1], figure={"line": "seed"}
     )
     config.validate_config(cfg)
-    layout = config.figure_layout({"line": "seed"}, ["probe_seed"])
+    layout = config.figure_layout({"line": "seed"}, {"probe_seed": 2})
     assert layout == {"line": "seed", "row": "probe_seed"}
-    assert config.figure_layout({}, ["width"]) == {"line": "width", "row": None}
+    assert config.figure_layout({}, {"width": 2}) == {"line": "width", "row": None}
+
+
+def test_the_default_layout_places_dimensions_with_several_values_first(cfg):
+    sizes = {"depth": 1, "width": 2, "regime": 2}
+    assert config.figure_layout({}, sizes) == {"line": "width", "row": "regime"}
+    assert config.figure_layout({}, {"depth": 1}) == {"line": "depth", "row": None}
+    grid = {"model.depth": [3], "model.width": [8, 16], "regime": ["fl", "lazy"]}
+    config.validate_config(tiny_experiment(cfg, grid=grid, seeds=[0], figure={}))
 
 
 def test_only_dimensions_with_several_values_need_a_place_in_the_figure(cfg):

@@ -86,8 +86,10 @@ def figure_settings(experiment):
 
 def figure_layout(wildcards):
     figure = figure_settings(wildcards.experiment)
+    runs = experiment_runs(wildcards)
     dims = [d for d in run_dims(wildcards) if d != "seed"]
-    return ntkcl_config.figure_layout(figure, dims)
+    sizes = {d: len({repr(run["params"][d]) for run in runs}) for d in dims}
+    return ntkcl_config.figure_layout(figure, sizes)
 
 
 def experiment_description(wildcards):
