@@ -134,6 +134,15 @@ def check(ds: xr.Dataset) -> list[str]:
     status = str(ds.attrs.get("status", ""))
     if status not in archive.STATUSES:
         problems.append(f"status is {status!r}, expected one of {archive.STATUSES}")
+    try:
+        config = json.loads(str(ds.attrs.get("config_json", "")))
+    except json.JSONDecodeError as error:
+        config = error
+    if not isinstance(config, dict):
+        problems.append(
+            "the config_json attribute (the run's configuration) is not a JSON "
+            f"object: {config}"
+        )
     for first, second in (("sample_1", "sample_2"), ("logit_1", "logit_2")):
         if not np.array_equal(ds[first].values, ds[second].values):
             problems.append(f"coordinates {first} and {second} differ")

@@ -214,8 +214,8 @@ def _validate(model, x1, x2, kind, dtype, implementation, memory_budget) -> None
         or memory_budget <= 0
     ):
         raise ValueError(
-            f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
-            "for example 2**30 for 1 GiB."
+            f"memory_budget must be a positive integer number of bytes, got "
+            f"{memory_budget!r}; for example 2**30 for 1 GiB."
         )
 
 
@@ -258,7 +258,14 @@ def _prepared(model: nn.Module, x1: Tensor, x2: Tensor | None, dtype):
             net = model
             x1c = _as_input(x1, device, compute_dtype)
             if compute_dtype != model_dtype:
-                net = copy.deepcopy(model).to(compute_dtype)
+                try:
+                    net = copy.deepcopy(model).to(compute_dtype)
+                except RuntimeError as exc:  # e.g. nn.utils.weight_norm's hook
+                    raise ValueError(
+                        f"dtype={dtype} needs a converted copy of the model, and the "
+                        f"model cannot be copied ({exc}); convert the model yourself "
+                        "(e.g. model.double()) and pass dtype=None."
+                    ) from exc
                 _check_copy(model, net, _as_input(x1, device, model_dtype), x1c)
             yield net, x1c, _as_input(x2, device, compute_dtype), compute_dtype
     finally:

@@ -257,7 +257,16 @@ def _first_switch_similarity(config_json: str) -> float:
     """Jaccard similarity of the first two tasks' class sets (NaN if undefined)."""
     from ntkcl import tasks  # imports torch: only when reducing
 
-    tasks_cfg = json.loads(config_json or "{}").get("tasks")
+    try:
+        config = json.loads(config_json or "{}")
+    except json.JSONDecodeError as error:
+        config = error
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"The archive's config_json attribute is not a JSON object ({config}): "
+            "its metadata is damaged; delete the archive and rerun its training job."
+        )
+    tasks_cfg = config.get("tasks")
     if not tasks_cfg:
         return float("nan")
     sequence = tasks.build_tasks(tasks_cfg)

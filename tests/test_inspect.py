@@ -63,6 +63,7 @@ def test_validate_names_each_problem(tmp_path, capsys):
         f["ntk"][1, 0, 1] = 7.0  # asymmetric
         f["ntk"][2, 0, 0] = np.nan
         f["accuracy"][0, 0] = 1.5
+        f.attrs["config_json"] = "{not json"
     status, out, err = inspect(capsys, path, "--validate")
     assert status == 1
     lines = out.splitlines()
@@ -72,7 +73,8 @@ def test_validate_names_each_problem(tmp_path, capsys):
     assert "dump 1 (iteration 10): ntk is not symmetric" in text
     assert "dump 2 (iteration 5): ntk has 1 non-finite values" in text
     assert "accuracy has values outside [0, 1]" in text
-    assert f"4 problem(s) in {path}" in err
+    assert "the config_json attribute (the run's configuration) is not a JSON" in text
+    assert f"5 problem(s) in {path}" in err
 
 
 def _flip_a_byte(path, name, index):

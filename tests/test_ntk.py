@@ -775,6 +775,17 @@ def test_float64_refuses_a_model_that_its_copy_cannot_convert(reads, match):
     assert_close(empirical_ntk(net, x, kind="full"), reference(net, x))
 
 
+def test_float64_refuses_a_model_that_cannot_be_copied():
+    # the legacy weight_norm keeps a computed weight that deepcopy refuses
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        normed = nn.utils.weight_norm(nn.Linear(5, 6))
+    net = nn.Sequential(normed, nn.Tanh(), nn.Linear(6, 3))
+    x = inputs("mlp", 4, 1).float()
+    with pytest.raises(ValueError, match="cannot be copied.*model.double"):
+        empirical_ntk(net, x, dtype=torch.float64)
+
+
 def test_float64_of_a_model_built_in_inference_mode():
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -920,6 +931,7 @@ def test_cuda_matches_cpu():
         (dict(kind="traced"), "kind must be"),
         (dict(implementation="fast"), "implementation must be"),
         (dict(memory_budget=0), "memory_budget must be"),
+        (dict(memory_budget=1e6), "positive integer number of bytes, got 1000000.0"),
         (dict(dtype=torch.int64), "dtype must be"),
     ],
 )

@@ -156,6 +156,14 @@ def test_reduce_rejects_mismatched_kind():
         reduce.reduce_archive(archive)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]"])
+def test_reduce_rejects_a_damaged_configuration(text):
+    archive = make_archive("trace")
+    archive.attrs["config_json"] = text
+    with pytest.raises(ValueError, match="config_json attribute is not a JSON object"):
+        reduce.reduce_archive(archive)
+
+
 def test_reduce_reads_one_dump_at_a_time(tmp_path):
     path = tmp_path / "run.h5"
     make_archive("diagonal").to_netcdf(path, engine="h5netcdf")
