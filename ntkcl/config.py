@@ -139,6 +139,8 @@ def _format_error(error: jsonschema.ValidationError, where: str) -> str:
         message += f"; allowed keys here: {allowed}"
     elif error.validator == "oneOf" and "description" in error.schema:
         message += f" ({error.schema['description'].strip()})"
+    elif error.validator_value == "array" and isinstance(error.instance, str):
+        message += f"; write a list, e.g. [{error.instance}]"
     if _is_typed_text(error):
         message += f" (it is the text {error.instance!r}; {_TEXT_NOTE_MARK})"
     return f"{location}: {message}"
@@ -170,8 +172,31 @@ def _is_typed_text(error: jsonschema.ValidationError) -> bool:
 
 def _schema_errors(instance: Any, schema: dict, where: str) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    errors = [e for error in validator.iter_errors(instance) for e in _specific(error)]
+    errors.sort(key=lambda e: [str(p) for p in e.absolute_path])
     return [_format_error(e, where) for e in errors]
+
+
+def _specific(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """The errors inside the one alternative of a failed oneOf/anyOf that the value's
+    type fits (``demo: {grid: {...}}`` against "an object or false"), so a typo deep
+    inside is named with its key and allowed keys; else the error itself."""
+    if error.validator not in ("oneOf", "anyOf") or not error.context:
+        return [error]
+    branches: dict[int, list[jsonschema.ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    if len(branches) != len(error.validator_value):  # an alternative matched
+        return [error]
+    mismatched = ("type", "const", "enum")
+    fitting = [
+        subs
+        for subs in branches.values()
+        if not any(s.validator in mismatched and not s.relative_path for s in subs)
+    ]
+    if len(fitting) != 1:
+        return [error]
+    return [e for sub in fitting[0] for e in _specific(sub)]
 
 
 def validate_config(config: dict, source: str = "config") -> None:
@@ -184,18 +209,22 @@ def validate_config(config: dict, source: str = "config") -> None:
     problems = _schema_errors(config, schema, source)
     if not problems:
         leaves = _leaf_paths(schema["$defs"]["run"], schema)
+        unknown_keys = set()  # experiments whose grids name unknown settings
         for name, experiment in config["experiments"].items():
             demo = experiment.get("demo") or {}
-            grids = [experiment.get("grid", {}), demo.get("grid")]
-            for grid in filter(None, grids):
-                for key in grid:
+            grids = {"grid": experiment.get("grid"), "demo.grid": demo.get("grid")}
+            for at, grid in grids.items():
+                for key in grid or {}:
                     if key not in leaves:
+                        unknown_keys.add(name)
                         problems.append(
-                            f"{source}.experiments.{name}.grid: unknown setting "
+                            f"{source}.experiments.{name}.{at}: unknown setting "
                             f"{key!r}; grid keys are dotted run settings, one of: "
                             f"{', '.join(sorted(leaves))} (seeds go in `seeds`)"
                         )
         for name, experiment in config["experiments"].items():
+            if name in unknown_keys:  # its figure checks would only repeat the typo
+                continue
             try:
                 experiment_dimensions(experiment)
             except ConfigError as error:

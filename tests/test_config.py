@@ -71,7 +71,22 @@ def test_merge_order(cfg):
             ),
             ["run width_regime/w64-fast-s0", "regime", "'fast' is not one of"],
         ),
+        (
+            lambda c: c["experiments"]["width_regime"]["demo"].update(
+                overrides={"model": {"depht": 2}}
+            ),
+            [
+                "config.experiments.width_regime.demo.overrides.model: Additional",
+                "'depht'",
+                "allowed keys here: activation, arch, bias, depth, width",
+            ],
+        ),
+        (
+            lambda c: c["experiments"]["width_regime"]["demo"].update(seedz=2),
+            ["width_regime.demo: Additional", "allowed keys here: grid, overrides"],
+        ),
         (lambda c: c.update(scale="huge"), ["config.scale", "'huge' is not one of"]),
+        (lambda c: c.update(only="width_regime"), ["e.g. [width_regime]"]),
         (
             lambda c: c["defaults"]["tasks"].update(iterations=[10, 10, 10]),
             [
@@ -100,6 +115,20 @@ def test_bad_config_names_the_key_and_allowed_values(cfg, edit, expected):
         config.validate_config(cfg)
     for fragment in expected:
         assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("at", ["grid", "demo.grid"])
+def test_a_grid_typo_is_named_where_it_is_and_only_once(cfg, at):
+    cfg = copy.deepcopy(cfg)
+    experiment = cfg["experiments"]["width_regime"]
+    grid = experiment["demo"].setdefault("grid", {}) if at == "demo.grid" else None
+    (grid if grid is not None else experiment["grid"])["model.widht"] = [1, 2]
+    with pytest.raises(ConfigError) as error:
+        config.validate_config(cfg)
+    problems = str(error.value).splitlines()[1:]
+    assert len(problems) == 1, problems
+    expected = f"config.experiments.width_regime.{at}: unknown setting 'model.widht'"
+    assert expected in problems[0]
 
 
 def test_workflow_settings_fall_back_to_the_schema_default(cfg):
