@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -289,7 +290,49 @@ def _probe(net, x1: Tensor, specs):
             f"model must return floating-point logits, it returned {out.dtype}; "
             "the NTK differentiates them (return the scores, not e.g. an argmax)."
         )
+    if b == 2:
+        _check_independent(net, batch, out.detach())
     return out, pr
+
+
+def _check_independent(net, batch: Tensor, out: Tensor) -> None:
+    """Warn when the first example's logits change with the rest of its batch.
+
+    The engine computes the kernel in blocks of examples, so a model whose
+    examples interact in eval mode (batch statistics: BatchNorm with
+    ``track_running_stats=False``, or a forward that centres over the batch)
+    would give a kernel that depends on the blocking.
+    """
+    fix = (
+        "use running statistics (e.g. BatchNorm's defaults) or nothing that mixes "
+        "the examples of a batch"
+    )
+    try:
+        with torch.no_grad():
+            alone = net(batch[:1].clone())
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ValueError(
+            f"the model runs on two examples but fails on one ({exc}); the engine "
+            "computes in blocks of examples, down to one, and needs examples that "
+            f"are independent in eval mode: {fix}."
+        ) from exc
+    if not isinstance(alone, Tensor) or alone.shape != out[:1].shape:
+        got = tuple(alone.shape) if isinstance(alone, Tensor) else type(alone).__name__
+        raise ValueError(
+            f"model must return logits of shape (n, K); for one example it returned "
+            f"{got}, for two {tuple(out.shape)}."
+        )
+    scale = out[0].abs().max().item() or 1.0
+    diff = (alone[0] - out[0]).abs().max().item() / scale
+    if not diff <= torch.finfo(out.dtype).eps ** 0.5:
+        warnings.warn(
+            "the model's examples are not independent in eval mode: the first "
+            "example's logits alone differ from those in a batch of two by "
+            f"{diff:.2g} (relative). The empirical NTK treats each example on its "
+            "own and computes in blocks of examples, so this kernel depends on the "
+            f"blocking; {fix}.",
+            stacklevel=4,
+        )
 
 
 def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):

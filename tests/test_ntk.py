@@ -719,6 +719,25 @@ def test_mode_and_parameters_are_restored():
     assert_close(first, reference(net, x))
 
 
+class Centred(nn.Module):
+    """Subtracts the batch mean: examples that are not independent."""
+
+    def forward(self, h):
+        return h - h.mean(0)
+
+
+def test_examples_that_interact_are_warned_about_or_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), Centred(), nn.Tanh(), nn.Linear(6, 3))
+    x = inputs("mlp", 4, 1)
+    with pytest.warns(UserWarning, match="not independent in eval mode: the first"):
+        empirical_ntk(net.double(), x)
+    # batch statistics in eval mode: no single example runs
+    net[1] = nn.BatchNorm1d(6, track_running_stats=False).double()
+    with pytest.raises(ValueError, match="fails on one .*running statistics"):
+        empirical_ntk(net, x)
+
+
 def test_float64_on_a_copy_and_float32_agrees():
     torch.manual_seed(0)
     net = mlp(nn.Tanh())  # smooth: no ReLU kinks that rounding could flip
@@ -746,7 +765,7 @@ class HookOnOwnWeight(nn.Module):
         if reads == "weight":
             hook = lambda m, i, o: o + first.weight.sum()  # noqa: E731
         else:
-            hook = lambda m, i, o: o + first(i[0][:, :5] * 0 + 1).sum()  # noqa: E731
+            hook = lambda m, i, o: o + first(i[0][:, :5] * 0 + 1)  # noqa: E731
         self.net[1].register_forward_hook(hook)
 
     def forward(self, x):
