@@ -416,12 +416,11 @@ def make_plan(net, x1, x2, kind, dtype, memory_budget, implementation):
         group = max(jacobian.groups, key=jacobian.group_params)
     peak = _peak_elems(provider, group, blk, *dims)
     if peak > budget:
-        logger.warning(
-            "NTK memory budget of %s too small: the %s path needs about %s even "
-            "in its smallest blocks",
-            format_bytes(memory_budget),
-            choice,
-            format_bytes(peak * itemsize),
+        warnings.warn(
+            f"NTK memory budget of {format_bytes(memory_budget)} too small: the "
+            f"{choice} path needs about {format_bytes(peak * itemsize)} even in its "
+            "smallest blocks, and uses that; raise memory_budget to silence this.",
+            stacklevel=3,
         )
     out_elems = (
         n1 * n2 * {"full": num_logits**2, "diagonal": num_logits, "trace": 1}[kind]

@@ -883,8 +883,8 @@ def logit_blocks_budget(net, x, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["mlp-gelu", "cnn-dilation-avgpool"])
-def test_small_budgets_give_the_same_kernel(name, path, caplog):
-    caplog.set_level(logging.ERROR, logger="ntkcl.ntk")  # "over budget" notes
+@pytest.mark.filterwarnings("ignore:NTK memory budget:UserWarning")  # 1 byte
+def test_small_budgets_give_the_same_kernel(name, path):
     net, x1, x2 = network(name), inputs(name, 3, 1), inputs(name, 2, 2)
     roomy = plan_ntk(net, x1, kind="full", implementation=path).estimated_peak_bytes
     seen = set()
@@ -904,6 +904,13 @@ def test_small_budgets_give_the_same_kernel(name, path, caplog):
                     assert (plan.parameter_groups > 1) == (path == "jacobian")
                 assert_close(empirical_ntk(net, x1, second, **args), expected, 1e-12)
     assert {(True, True, False), (False, True, True)} <= seen
+
+
+def test_a_budget_below_the_smallest_blocks_is_warned_about():
+    net, x = network("mlp-gelu"), inputs("mlp-gelu", 3, 1)
+    with pytest.warns(UserWarning, match="budget of 1 B too small.*needs about"):
+        plan = plan_ntk(net, x, kind="full", memory_budget=1)
+    assert plan.examples_per_block == plan.logits_per_block == 1
 
 
 def test_factors_that_fill_most_of_the_budget_are_still_cached():
