@@ -732,6 +732,10 @@ def test_examples_that_interact_are_warned_about_or_refused():
     x = inputs("mlp", 4, 1)
     with pytest.warns(UserWarning, match="not independent in eval mode: the first"):
         empirical_ntk(net.double(), x)
+    # a diverged model gives NaN logits: no comparison, no warning
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    assert empirical_ntk(net, x).isnan().any()
     # batch statistics in eval mode: no single example runs
     net[1] = nn.BatchNorm1d(6, track_running_stats=False).double()
     with pytest.raises(ValueError, match="fails on one .*running statistics"):
