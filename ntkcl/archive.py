@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 from pathlib import Path
@@ -504,6 +505,21 @@ def finish(
         f.attrs["status_reason"] = reason
         f.attrs["diverged_iteration"] = diverged_iteration
         _append_history(f, f"{status} {reason}".strip())
+
+
+def run_config(config_json: str) -> dict:
+    """The run's configuration from an archive's ``config_json`` attribute.
+
+    Raises ValueError, saying what is wrong, when the text is not a JSON object
+    (damaged metadata).
+    """
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as error:
+        raise ValueError(str(error)) from error
+    if not isinstance(config, dict):
+        raise ValueError(f"it holds a {type(config).__name__}")
+    return config
 
 
 def read_status(path: str | Path) -> tuple[str, str]:

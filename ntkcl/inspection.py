@@ -15,7 +15,6 @@ finished or still being written (then they see the whole dumps so far).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,8 @@ _SYMMETRY_TOLERANCE = {np.dtype("float32"): 1e-5, np.dtype("float64"): 1e-10}
 
 def _config(ds: xr.Dataset) -> dict:
     try:
-        return json.loads(ds.attrs.get("config_json", "{}"))
-    except json.JSONDecodeError:
+        return archive.run_config(str(ds.attrs.get("config_json", "{}")))
+    except ValueError:  # check() names it
         return {}
 
 
@@ -135,13 +134,11 @@ def check(ds: xr.Dataset) -> list[str]:
     if status not in archive.STATUSES:
         problems.append(f"status is {status!r}, expected one of {archive.STATUSES}")
     try:
-        config = json.loads(str(ds.attrs.get("config_json", "")))
-    except json.JSONDecodeError as error:
-        config = error
-    if not isinstance(config, dict):
+        archive.run_config(str(ds.attrs.get("config_json", "")))
+    except ValueError as error:
         problems.append(
             "the config_json attribute (the run's configuration) is not a JSON "
-            f"object: {config}"
+            f"object: {error}"
         )
     for first, second in (("sample_1", "sample_2"), ("logit_1", "logit_2")):
         if not np.array_equal(ds[first].values, ds[second].values):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ntkcl import metrics
+from ntkcl import archive, metrics
 from ntkcl.config import format_value
 
 logger = logging.getLogger(__name__)
@@ -258,14 +258,12 @@ def _first_switch_similarity(config_json: str) -> float:
     from ntkcl import tasks  # imports torch: only when reducing
 
     try:
-        config = json.loads(config_json or "{}")
-    except json.JSONDecodeError as error:
-        config = error
-    if not isinstance(config, dict):
+        config = archive.run_config(config_json or "{}")
+    except ValueError as error:
         raise ValueError(
-            f"The archive's config_json attribute is not a JSON object ({config}): "
+            f"The archive's config_json attribute is not a JSON object ({error}): "
             "its metadata is damaged; delete the archive and rerun its training job."
-        )
+        ) from error
     tasks_cfg = config.get("tasks")
     if not tasks_cfg:
         return float("nan")
